@@ -1,0 +1,168 @@
+"""Command configuration: one dataclass per command, the single source of flags and defaults.
+
+Each dataclass field becomes a `--flag-name`; `--config FILE` loads a YAML with the same keys
+(dashes or underscores). Precedence: dataclass defaults < YAML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from flowers.errors import UserError
+
+
+def arg(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with a help text (and optional argparse extras such as choices)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    data: Optional[str] = arg(
+        None, "image folder (one sub-folder per class) or Hugging Face Hub dataset id; "
+        "default: $FLOWERS_DATA, else data/flower_dataset")
+    output_dir: str = arg("outputs", "where run folders (checkpoints, config, logs) are written")
+    run_name: Optional[str] = arg(None, "name of the run folder; default: a timestamp")
+    epochs: int = arg(25, "number of training epochs")
+    lr: float = arg(1e-3, "peak learning rate")
+    batch_size: int = arg(32, "images per step per process")
+    grad_accum_steps: int = arg(1, "gradient accumulation steps per optimizer step")
+    image_size: int = arg(224, "training/evaluation crop size in pixels")
+    weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint")
+    seed: int = arg(42, "seed for the split, initialisation and data order")
+    val_split: float = arg(0.2, "fraction of the images held out for validation (stratified)")
+    optimizer: str = arg("adam", "optimizer", choices=["adam", "adamw", "sgd"])
+    weight_decay: float = arg(0.0, "weight decay")
+    momentum: float = arg(0.9, "momentum (sgd only)")
+    scheduler: str = arg("step", "learning-rate schedule", choices=["step", "none"])
+    step_size: int = arg(7, "step schedule: epochs between learning-rate drops")
+    gamma: float = arg(0.1, "step schedule: factor applied at each drop")
+    workers: int = arg(-1, "DataLoader worker processes per process; -1 picks from the core count")
+    channels_last: bool = arg(True, "use the channels_last memory format (faster on CPU and GPU)")
+    report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
+    wandb_project: str = arg("flowers", "W&B project name")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        check(self.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {self.grad_accum_steps}")
+        check(self.image_size >= 32, f"--image-size must be at least 32, got {self.image_size}")
+        check(0 < self.val_split < 1, f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
+        check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        check(self.step_size >= 1, f"--step-size must be at least 1, got {self.step_size}")
+        check(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
+        check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
+        check(bool(self.weights), "--weights must be imagenet, none or a path")
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
+    output_dir: str = arg("outputs", "where training wrote its run folders")
+    data: Optional[str] = arg(
+        None, "evaluate on this folder instead of the checkpoint's validation split (same classes)")
+    batch_size: Optional[int] = arg(None, "default: the training batch size recorded in the checkpoint")
+    workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+
+    def __post_init__(self) -> None:
+        check(self.batch_size is None or self.batch_size >= 1,
+              f"--batch-size must be at least 1, got {self.batch_size}")
+        check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(hint: Any) -> type:
+    """int for Optional[int], etc."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line instead of usage + message
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = _base_type(hints[f.name])
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} (default: {f.default})")
+        elif "const" in f.metadata:  # flag with an optional value, e.g. --resume [DIR]
+            parser.add_argument(_flag(f.name), nargs="?", type=kind, help=f"{help_text} (default: {f.default})",
+                                **meta)
+        else:
+            parser.add_argument(_flag(f.name), type=kind, help=f"{help_text} (default: {f.default})", **meta)
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """Build a config from a mapping, rejecting unknown keys with one line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    converted = {}
+    for key, value in values.items():
+        kind = _base_type(hints[key])
+        if value is not None and kind in (int, float, str) and not isinstance(value, bool):
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+        converted[key] = value
+    return cls(**converted)
+
+
+def parse(cls: type, argv: Optional[list[str]] = None, description: str = "") -> Any:
+    """Parse the command line (and an optional --config YAML) into a config dataclass."""
+    given = vars(build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    if given.get("config"):
+        values.update(load_yaml(given["config"]))
+        values.pop("config", None)
+    values.update(given)
+    return from_dict(cls, values, source=f"--config {given['config']}" if given.get("config") else "arguments")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,158 @@
+"""Load an image dataset with Hugging Face `datasets`, split it, and build DataLoaders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from datasets import ClassLabel, Dataset, load_dataset
+from torch.utils.data import DataLoader
+
+from flowers.errors import UserError
+
+DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
+VAL_DIR_NAMES = ("val", "validation", "valid")
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+    source: str
+
+
+def resolve_data(data: Optional[str]) -> str:
+    """--data, else $FLOWERS_DATA, else data/flower_dataset; one line when none is there."""
+    if data:
+        return data
+    if os.environ.get("FLOWERS_DATA"):
+        return os.environ["FLOWERS_DATA"]
+    if DEFAULT_DATA_DIR.is_dir():
+        return str(DEFAULT_DATA_DIR)
+    raise UserError(
+        f"no data: pass --data PATH (a folder with one sub-folder per class) or a Hub dataset id, "
+        f"set $FLOWERS_DATA, or put the photos in {DEFAULT_DATA_DIR}/")
+
+
+def _pre_split_dirs(root: Path) -> Optional[tuple[Path, Path]]:
+    train = root / "train"
+    val = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    return (train, val) if train.is_dir() and val is not None else None
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _load_folder(root: Path, split: str) -> Dataset:
+    return load_dataset("imagefolder", data_dir=str(root), split=split)
+
+
+def _label_names(ds: Dataset) -> list[str]:
+    feature = ds.features.get("label")
+    if not isinstance(feature, ClassLabel):
+        raise UserError("dataset has no 'label' class column")
+    return list(feature.names)
+
+
+def _normalise_hub_columns(ds: Dataset) -> Dataset:
+    """Rename the first Image column to 'image' and the first ClassLabel column to 'label'."""
+    from datasets import Image
+    image_col = next((k for k, v in ds.features.items() if isinstance(v, Image)), None)
+    label_col = next((k for k, v in ds.features.items() if isinstance(v, ClassLabel)), None)
+    if image_col is None or label_col is None:
+        raise UserError(f"dataset needs an image column and a class-label column, found {list(ds.features)}")
+    if image_col != "image":
+        ds = ds.rename_column(image_col, "image")
+    if label_col != "label":
+        ds = ds.rename_column(label_col, "label")
+    return ds.select_columns(["image", "label"])
+
+
+def load_splits(data: str, val_split: float, seed: int) -> Splits:
+    """Train/validation splits of a folder or Hub dataset.
+
+    A folder with train/ and val/ (or validation/) sub-folders is used as given; otherwise the
+    images are split stratified by class with `seed`, so every process (and eval.py later) gets
+    exactly the same split.
+    """
+    root = Path(data).expanduser()
+    if root.is_file():
+        raise UserError(f"--data {data} is a file; expected a folder with one sub-folder per class")
+    if root.is_dir():
+        pre_split = _pre_split_dirs(root)
+        if pre_split:
+            train, val = (_load_folder(d, "train") for d in pre_split)
+            if _label_names(train) != _label_names(val):
+                raise UserError(f"{pre_split[0]} and {pre_split[1]} hold different class folders")
+            return Splits(train, val, _label_names(train), str(root))
+        classes = _class_dirs(root)
+        if len(classes) < 2:
+            raise UserError(f"--data {data} has {len(classes)} class folder(s); need at least 2 "
+                            "(one sub-folder of images per class)")
+        full = _load_folder(root, "train")
+    elif data.startswith((".", "/", "~")) or os.path.sep + os.path.sep in data:
+        raise UserError(f"--data {data}: no such folder")
+    else:
+        full = _load_hub(data)
+    names = _label_names(full)
+    if len(names) < 2:
+        raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
+    parts = full.train_test_split(test_size=val_split, stratify_by_column="label", seed=seed)
+    return Splits(parts["train"], parts["test"], names, str(root) if root.is_dir() else data)
+
+
+def _load_hub(data: str) -> Dataset:
+    try:
+        dd = load_dataset(data)
+    except Exception as e:  # network, unknown id, gated dataset: all one line for the user
+        raise UserError(f"--data {data}: not a folder here, and loading it from the Hub failed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    split = "train" if "train" in dd else next(iter(dd))
+    return _normalise_hub_columns(dd[split])
+
+
+def full_dataset(data: str) -> tuple[Dataset, list[str]]:
+    """Every image of a folder (or its val/ split if it has one), for evaluation on other data."""
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--data {data}: no such folder")
+    pre_split = _pre_split_dirs(root)
+    ds = _load_folder(pre_split[1] if pre_split else root, "train")
+    return ds, _label_names(ds)
+
+
+def with_transform(ds: Dataset, transform: Callable) -> Dataset:
+    """Decode and transform on the fly, batch-wise, into `pixel_values` and `labels` tensors."""
+    def apply(batch: dict) -> dict:
+        return {
+            "pixel_values": [transform(img.convert("RGB")) for img in batch["image"]],
+            "labels": batch["label"],
+        }
+    return ds.with_transform(apply)
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+    }
+
+
+def default_workers(num_processes: int, on_gpu: bool) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, num_processes))
+    return min(8, per_process) if on_gpu else min(2, per_process)
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, pin_memory: bool,
+                drop_last: bool = False) -> DataLoader:
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=drop_last,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,103 @@
+"""One training epoch and one evaluation pass, Accelerator-aware (CPU, one GPU, DDP)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    samples: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EvalOutput:
+    scores: np.ndarray   # (N, C) float32 logits
+    labels: np.ndarray   # (N,) int64
+    losses: np.ndarray   # (N,) per-example cross-entropy
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.mean()) if len(self.losses) else float("nan")
+
+
+def _images(batch: dict, channels_last: bool) -> torch.Tensor:
+    images = batch["pixel_values"]
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def _bar(accelerator: Accelerator, total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not accelerator.is_local_main_process)
+
+
+def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler,
+                    loss_fn: Callable, desc: str = "train", channels_last: bool = True,
+                    on_step: Optional[Callable[[int], None]] = None) -> EpochStats:
+    """Train for one pass over `loader`; returns loss/accuracy summed over all processes."""
+    model.train()
+    device = accelerator.device
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen
+    start = time.perf_counter()
+    with _bar(accelerator, len(loader), desc) as bar:
+        for step, batch in enumerate(loader):
+            images, labels = _images(batch, channels_last), batch["labels"]
+            with accelerator.accumulate(model):
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients and scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                totals += torch.stack([loss.detach().double() * labels.size(0),
+                                       (logits.argmax(1) == labels).sum().double(),
+                                       torch.tensor(labels.size(0), device=device, dtype=torch.float64)])
+            bar.update()
+            if step % LOG_EVERY == 0 and bar.disable is False:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step)
+    loss_sum, correct, seen = accelerator.reduce(totals, reduction="sum").tolist()
+    return EpochStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), samples=int(seen),
+                      seconds=time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "eval",
+             channels_last: bool = True) -> EvalOutput:
+    """Scores, labels and per-example losses for every example exactly once, on every process."""
+    model.eval()
+    scores, labels, losses = [], [], []
+    start = time.perf_counter()
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                      disable=not accelerator.is_local_main_process):
+        logits = model(_images(batch, channels_last)).float()
+        per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
+        logits, batch_labels, per_example = accelerator.gather_for_metrics(
+            (logits, batch["labels"], per_example))
+        scores.append(logits.cpu())
+        labels.append(batch_labels.cpu())
+        losses.append(per_example.cpu())
+    return EvalOutput(scores=torch.cat(scores).numpy(), labels=torch.cat(labels).numpy(),
+                      losses=torch.cat(losses).numpy(), seconds=time.perf_counter() - start)

@@ -1,0 +1,98 @@
+"""ResNet18 with its head replaced for our classes; initial weights from ImageNet, none, or a file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from flowers.errors import UserError
+
+ARCH = "resnet18"
+
+
+def build_model(num_classes: int, weights: str = "none", dropout: float = 0.0) -> nn.Module:
+    """ResNet18 with a `num_classes` head; `weights` is imagenet, none, or a path."""
+    model = resnet18(weights=None)
+    state = None if weights in ("imagenet", "none") else load_state_dict_file(weights)
+    if weights == "imagenet":
+        model.load_state_dict(_imagenet_state_dict())
+    elif state is not None:
+        _load_backbone(model, state)
+    in_features = model.fc.in_features
+    head = nn.Linear(in_features, num_classes)
+    model.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
+    if state is not None:
+        _load_head_if_matching(model, state)
+    return model
+
+
+def imagenet_cache_path() -> Path:
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _imagenet_state_dict() -> dict:
+    """torchvision's ImageNet weights: from the torch cache, else downloaded (real users are online)."""
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # offline (URLError), proxy, corrupt cache
+        raise UserError(
+            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at "
+            f"{imagenet_cache_path()} (or set $TORCH_HOME), pass --weights PATH, or use --weights none"
+        ) from None
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, a checkpoint folder, or a .pth (never unpickling code)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise UserError(f"--weights {path}: no such file (expected imagenet, none, or a path)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    try:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{p}: not a loadable weights file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{p}: does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_head(key: str) -> bool:
+    return key.startswith("fc.")
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    backbone = {k: v for k, v in state.items() if not _is_head(k)}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not _is_head(k)]
+    if missing or unexpected:
+        raise UserError(f"weights do not fit {ARCH}: {len(missing)} missing and "
+                        f"{len(unexpected)} unexpected keys (e.g. {(missing + unexpected)[0]})")
+
+
+def _load_head_if_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Keep a saved head when it has our shape (our own checkpoints); else the fresh one stays."""
+    ours = {k: v for k, v in model.state_dict().items() if _is_head(k)}
+    theirs = {k: v for k, v in state.items() if _is_head(k)}
+    if set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours):
+        model.load_state_dict(theirs, strict=False)
+
+
+def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Optional[str] = None) -> None:
+    """Load a full state dict (ours) strictly, with one line on a mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{source or 'weights'} do not fit this model: {str(e).splitlines()[1].strip()}") from None

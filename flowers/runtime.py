@@ -1,0 +1,58 @@
+"""The Accelerator and the process environment: threads, precision warnings, printing."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_accelerator(seed: int, grad_accum_steps: int = 1, log_with: Optional[list[str]] = None,
+                     project_dir: Optional[str] = None) -> Accelerator:
+    """One Accelerator for CPU, one GPU or many; precision comes from `accelerate launch`/config."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=grad_accum_steps,
+        log_with=log_with or None,
+        project_dir=project_dir,
+        # Accelerate owns the shuffle order (seeded per epoch), which makes data order resumable.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        # Our scheduler steps once per optimizer step, which we call ourselves.
+        step_scheduler_with_optimizer=False,
+    )
+    _configure_cpu_threads(accelerator)
+    _warn_slow_precision(accelerator)
+    return accelerator
+
+
+def _configure_cpu_threads(accelerator: Accelerator) -> None:
+    """Give each CPU process its share of the cores, even when a launcher set OMP_NUM_THREADS=1."""
+    if accelerator.device.type != "cpu":
+        return
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    torch.set_num_threads(max(1, usable_cores() // max(1, local_procs)))
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _warn_slow_precision(accelerator: Accelerator) -> None:
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision == "no":
+        return
+    if accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
+        accelerator.print("warning: bf16 on a CPU without native bf16 is much slower (10-18x here) than fp32; "
+                          "launch with --mixed_precision no for speed")
+    elif accelerator.mixed_precision == "fp16":
+        accelerator.print("warning: fp16 mixed precision has no effect on CPU; training runs in fp32")
