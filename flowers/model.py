@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -15,13 +15,24 @@ from flowers.errors import UserError
 ARCH = "resnet18"
 
 
-def build_model(num_classes: int, weights: str = "none", dropout: float = 0.0) -> nn.Module:
-    """ResNet18 with a `num_classes` head; `weights` is imagenet, none, or a path."""
-    model = resnet18(weights=None)
-    state = None if weights in ("imagenet", "none") else load_state_dict_file(weights)
+def initial_state(weights: str) -> Optional[dict[str, torch.Tensor]]:
+    """The state dict `--weights` names: imagenet, none (-> None), or a path. Fails fast, in one line."""
+    if weights == "none":
+        return None
     if weights == "imagenet":
-        model.load_state_dict(_imagenet_state_dict())
-    elif state is not None:
+        return _imagenet_state_dict()
+    return load_state_dict_file(weights)
+
+
+def build_model(num_classes: int, weights: Union[str, dict, None] = None, dropout: float = 0.0) -> nn.Module:
+    """ResNet18 with a `num_classes` head.
+
+    `weights`: a `--weights` value (imagenet, none, a path) or a state dict from initial_state().
+    The backbone always loads; a saved head loads only when it has our shape (our checkpoints).
+    """
+    state = initial_state(weights) if isinstance(weights, str) else weights
+    model = resnet18(weights=None)
+    if state is not None:
         _load_backbone(model, state)
     in_features = model.fc.in_features
     head = nn.Linear(in_features, num_classes)

@@ -14,10 +14,20 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def has_gpu() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
+
+
 def make_accelerator(seed: int, grad_accum_steps: int = 1, log_with: Optional[list[str]] = None,
                      project_dir: Optional[str] = None) -> Accelerator:
     """One Accelerator for CPU, one GPU or many; precision comes from `accelerate launch`/config."""
     accelerator = Accelerator(
+        # With no GPU, force the CPU backend: a multi-process launch then really runs DDP over
+        # gloo (without this, a MULTI_GPU config with use_cpu silently runs N separate 1-process jobs).
+        cpu=not has_gpu(),
         gradient_accumulation_steps=grad_accum_steps,
         log_with=log_with or None,
         project_dir=project_dir,

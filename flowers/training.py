@@ -18,7 +18,7 @@ from flowers.config import TrainConfig, to_dict
 from flowers.data import Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.metrics import compute_metrics
-from flowers.model import ARCH, build_model
+from flowers.model import ARCH, build_model, initial_state
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.runtime import make_accelerator
 from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, eval_transform, train_transform
@@ -66,6 +66,7 @@ def fit(cfg: TrainConfig) -> Path:
     switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
     accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to))
     set_seed(cfg.seed)
+    init_state = initial_state(cfg.weights)  # before the data: a missing download fails at once
     data = resolve_data(cfg.data)
     with accelerator.main_process_first():
         splits = load_splits(data, cfg.val_split, cfg.seed)
@@ -79,7 +80,7 @@ def fit(cfg: TrainConfig) -> Path:
                       f"processes: {accelerator.num_processes}  device: {accelerator.device}  "
                       f"precision: {accelerator.mixed_precision}")
 
-    model = build_model(len(splits.class_names), cfg.weights)
+    model = build_model(len(splits.class_names), init_state)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model.parameters())
