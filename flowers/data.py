@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from datasets import ClassLabel, Dataset, load_dataset
+from datasets import ClassLabel, Dataset, Image, load_dataset
 from torch.utils.data import DataLoader
 
 from flowers.errors import UserError
@@ -61,7 +61,6 @@ def _label_names(ds: Dataset) -> list[str]:
 
 def _normalise_hub_columns(ds: Dataset) -> Dataset:
     """Rename the first Image column to 'image' and the first ClassLabel column to 'label'."""
-    from datasets import Image
     image_col = next((k for k, v in ds.features.items() if isinstance(v, Image)), None)
     label_col = next((k for k, v in ds.features.items() if isinstance(v, ClassLabel)), None)
     if image_col is None or label_col is None:
@@ -124,6 +123,11 @@ def full_dataset(data: str) -> tuple[Dataset, list[str]]:
     pre_split = _pre_split_dirs(root)
     ds = _load_folder(pre_split[1] if pre_split else root, "train")
     return ds, _label_names(ds)
+
+
+def image_paths(ds: Dataset) -> list[Optional[str]]:
+    """File path of every example (None for images stored as bytes), without decoding any image."""
+    return [item["path"] for item in ds.cast_column("image", Image(decode=False))["image"]]
 
 
 def with_transform(ds: Dataset, transform: Callable) -> Dataset:

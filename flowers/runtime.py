@@ -66,3 +66,26 @@ def _warn_slow_precision(accelerator: Accelerator) -> None:
                           "launch with --mixed_precision no for speed")
     elif accelerator.mixed_precision == "fp16":
         accelerator.print("warning: fp16 mixed precision has no effect on CPU; training runs in fp32")
+
+
+def environment(accelerator: Accelerator, model: Optional[torch.nn.Module] = None) -> dict:
+    """Where and how this run executes (recorded in checkpoints and tracker runs)."""
+    import accelerate
+    import torchvision
+
+    from flowers import __version__
+
+    env = {
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "mixed_precision": accelerator.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"flowers": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "accelerate": accelerate.__version__},
+    }
+    if accelerator.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(accelerator.device)
+    if model is not None:
+        env["model_wrapper"] = type(model).__name__
+    return env

@@ -13,14 +13,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
-from flowers import __version__, checkpoint, tracking
+from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
 from flowers.data import Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.metrics import compute_metrics
 from flowers.model import ARCH, build_model, initial_state
 from flowers.optim import build_optimizer, build_scheduler
-from flowers.runtime import make_accelerator
+from flowers.runtime import environment, make_accelerator
 from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, eval_transform, train_transform
 
 
@@ -32,7 +32,7 @@ def _run_name(accelerator: Accelerator, cfg: TrainConfig) -> str:
 
 
 def checkpoint_meta(cfg: TrainConfig, splits: Splits, run_name: str, epoch: int, step: int,
-                    metrics: dict[str, Any]) -> dict[str, Any]:
+                    metrics: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to use a checkpoint on its own (see checkpoint.py)."""
     return {
         "format_version": 1,
@@ -49,7 +49,7 @@ def checkpoint_meta(cfg: TrainConfig, splits: Splits, run_name: str, epoch: int,
         "global_step": step,
         "metrics": metrics,
         "config": to_dict(cfg),
-        "versions": {"flowers": __version__, "torch": torch.__version__},
+        "environment": env,
         "saved_at": dt.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -95,6 +95,7 @@ def fit(cfg: TrainConfig) -> Path:
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = nn.CrossEntropyLoss()
+    env = environment(accelerator, model)
 
     if switched_offline:
         accelerator.print("W&B: no API key configured, logging offline; upload later with "
@@ -115,11 +116,12 @@ def fit(cfg: TrainConfig) -> Path:
             "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
             "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
             "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
+            "train_samples": train.samples,
         }
         if accelerator.is_main_process:
             state = accelerator.unwrap_model(model).state_dict()
             meta = checkpoint_meta(cfg, splits, run_name, epoch, epoch * steps_per_epoch,
-                                   {**epoch_metrics, "val": val})
+                                   {**epoch_metrics, "val": val}, env)
             checkpoint.save_checkpoint(run_dir / "last", state, meta)
             if is_best:
                 checkpoint.save_checkpoint(run_dir / "best", state, meta)

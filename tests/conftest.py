@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data" / "flower_dataset"
+# ../shared beside the checkout (CI), or further up (git worktrees); generated images otherwise.
+REAL_DATA = next((p / "shared" / "data" / "flower_dataset" for p in REPO.parents
+                  if (p / "shared" / "data" / "flower_dataset").is_dir()), REPO / "missing")
 CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
 
 
