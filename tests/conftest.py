@@ -62,8 +62,12 @@ def flower_dir(tmp_path) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
             check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command (e.g. `python train.py ...`) as a user would; returns the finished process."""
-    cmd = [sys.executable if a == "python" else a for a in args]
+    """Run a command (e.g. `python train.py ...`) as a user would; returns the finished process.
+
+    Repository files named relatively (train.py, accelerate_configs/cpu.yaml) work from any cwd.
+    """
+    cmd = [sys.executable if a == "python" else str(REPO / a) if (REPO / a).is_file() and not Path(a).is_absolute()
+           else a for a in args]
     proc = subprocess.run(cmd, cwd=cwd or REPO, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
