@@ -50,6 +50,9 @@ class TrainConfig:
     channels_last: bool = arg(True, "use the channels_last memory format (faster on CPU and GPU)")
     report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
     wandb_project: str = arg("flowers", "W&B project name")
+    strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
+    on_nan: str = arg("stop", "a NaN/Inf training loss: stop the run (last good checkpoint kept) or skip that "
+                      "batch's update (costs one host sync per step)", choices=["stop", "skip"])
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:
@@ -74,6 +77,7 @@ class EvalConfig:
         None, "evaluate on this folder instead of the checkpoint's validation split (same classes)")
     batch_size: Optional[int] = arg(None, "default: the training batch size recorded in the checkpoint")
     workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count")
+    strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from datasets import ClassLabel, Dataset, Image, load_dataset
+from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 from torch.utils.data import DataLoader
 
+from flowers import imagefiles
 from flowers.errors import UserError
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
@@ -23,6 +24,7 @@ class Splits:
     val: Dataset
     class_names: list[str]
     source: str
+    skipped: list[str] = field(default_factory=list)  # unusable files left out (see imagefiles.py)
 
 
 def resolve_data(data: Optional[str]) -> str:
@@ -44,12 +46,14 @@ def _pre_split_dirs(root: Path) -> Optional[tuple[Path, Path]]:
     return (train, val) if train.is_dir() and val is not None else None
 
 
-def _class_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _load_folder(root: Path, split: str) -> Dataset:
-    return load_dataset("imagefolder", data_dir=str(root), split=split)
+def _load_folder(root: Path, strict: bool = False) -> tuple[Dataset, list[str]]:
+    """The usable images of a class-per-folder tree (unusable ones reported), and what was skipped."""
+    scan = imagefiles.scan_folder(root)
+    imagefiles.report(scan, strict)
+    features = Features({"image": Image(), "label": ClassLabel(names=scan.class_names)})
+    ds = Dataset.from_dict({"image": [path for path, _ in scan.files], "label": [label for _, label in scan.files]},
+                           features=features)
+    return ds, [path for path, _ in scan.skipped]
 
 
 def _label_names(ds: Dataset) -> list[str]:
@@ -72,12 +76,12 @@ def _normalise_hub_columns(ds: Dataset) -> Dataset:
     return ds.select_columns(["image", "label"])
 
 
-def load_splits(data: str, val_split: float, seed: int) -> Splits:
+def load_splits(data: str, val_split: float, seed: int, strict: bool = False) -> Splits:
     """Train/validation splits of a folder or Hub dataset.
 
     A folder with train/ and val/ (or validation/) sub-folders is used as given; otherwise the
     images are split stratified by class with `seed`, so every process (and eval.py later) gets
-    exactly the same split.
+    exactly the same split. Unusable image files are left out with a warning each (`strict`: an error).
     """
     root = Path(data).expanduser()
     if root.is_file():
@@ -85,24 +89,20 @@ def load_splits(data: str, val_split: float, seed: int) -> Splits:
     if root.is_dir():
         pre_split = _pre_split_dirs(root)
         if pre_split:
-            train, val = (_load_folder(d, "train") for d in pre_split)
+            (train, train_skipped), (val, val_skipped) = (_load_folder(d, strict) for d in pre_split)
             if _label_names(train) != _label_names(val):
                 raise UserError(f"{pre_split[0]} and {pre_split[1]} hold different class folders")
-            return Splits(train, val, _label_names(train), str(root))
-        classes = _class_dirs(root)
-        if len(classes) < 2:
-            raise UserError(f"--data {data} has {len(classes)} class folder(s); need at least 2 "
-                            "(one sub-folder of images per class)")
-        full = _load_folder(root, "train")
+            return Splits(train, val, _label_names(train), str(root), train_skipped + val_skipped)
+        full, skipped = _load_folder(root, strict)
     elif data.startswith((".", "/", "~")) or os.path.sep + os.path.sep in data:
         raise UserError(f"--data {data}: no such folder")
     else:
-        full = _load_hub(data)
+        full, skipped = _load_hub(data), []
     names = _label_names(full)
     if len(names) < 2:
         raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
     parts = full.train_test_split(test_size=val_split, stratify_by_column="label", seed=seed)
-    return Splits(parts["train"], parts["test"], names, str(root) if root.is_dir() else data)
+    return Splits(parts["train"], parts["test"], names, str(root) if root.is_dir() else data, skipped)
 
 
 def _load_hub(data: str) -> Dataset:
@@ -115,13 +115,13 @@ def _load_hub(data: str) -> Dataset:
     return _normalise_hub_columns(dd[split])
 
 
-def full_dataset(data: str) -> tuple[Dataset, list[str]]:
+def full_dataset(data: str, strict: bool = False) -> tuple[Dataset, list[str]]:
     """Every image of a folder (or its val/ split if it has one), for evaluation on other data."""
     root = Path(data).expanduser()
     if not root.is_dir():
         raise UserError(f"--data {data}: no such folder")
     pre_split = _pre_split_dirs(root)
-    ds = _load_folder(pre_split[1] if pre_split else root, "train")
+    ds, _ = _load_folder(pre_split[1] if pre_split else root, strict)
     return ds, _label_names(ds)
 
 
@@ -131,16 +131,27 @@ def image_paths(ds: Dataset) -> list[Optional[str]]:
 
 
 def with_transform(ds: Dataset, transform: Callable) -> Dataset:
-    """Decode and transform on the fly, batch-wise, into `pixel_values` and `labels` tensors."""
+    """Decode (upright RGB, see imagefiles.load_rgb) and transform on the fly, batch-wise, into
+    `pixel_values` and `labels`. An image that no longer decodes is dropped from its batch with a
+    warning instead of killing the run."""
     def apply(batch: dict) -> dict:
         return {
-            "pixel_values": [transform(img.convert("RGB")) for img in batch["image"]],
+            "pixel_values": [_transformed_or_none(entry, transform) for entry in batch["image"]],
             "labels": batch["label"],
         }
-    return ds.with_transform(apply)
+    return ds.cast_column("image", Image(decode=False)).with_transform(apply)
+
+
+def _transformed_or_none(entry: dict, transform: Callable) -> Optional[torch.Tensor]:
+    try:
+        return transform(imagefiles.load_rgb(entry))
+    except imagefiles.UnusableImage as e:
+        print(f"warning: skipped {e}", flush=True)
+        return None
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    examples = [e for e in examples if e["pixel_values"] is not None]
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),

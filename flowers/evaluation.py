@@ -26,12 +26,12 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     if cfg.data:
         with accelerator.main_process_first():
-            dataset, names = full_dataset(cfg.data)
+            dataset, names = full_dataset(cfg.data, cfg.strict)
         split_name, source = "all", cfg.data
     else:
         data = meta["data"]
         with accelerator.main_process_first():
-            splits = load_splits(data["source"], float(data["val_split"]), int(data["split_seed"]))
+            splits = load_splits(data["source"], float(data["val_split"]), int(data["split_seed"]), cfg.strict)
         dataset, names, split_name, source = splits.val, splits.class_names, "val", data["source"]
     if names != class_names:
         raise UserError(f"classes in {source} ({', '.join(names)}) do not match the checkpoint's "

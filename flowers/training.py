@@ -69,7 +69,7 @@ def fit(cfg: TrainConfig) -> Path:
     init_state = initial_state(cfg.weights)  # before the data: a missing download fails at once
     data = resolve_data(cfg.data)
     with accelerator.main_process_first():
-        splits = load_splits(data, cfg.val_split, cfg.seed)
+        splits = load_splits(data, cfg.val_split, cfg.seed, cfg.strict)
     run_name = _run_name(accelerator, cfg)
     run_dir = Path(cfg.output_dir) / run_name
     if accelerator.is_main_process:
@@ -86,8 +86,10 @@ def fit(cfg: TrainConfig) -> Path:
     optimizer = build_optimizer(cfg, model.parameters())
     on_gpu = accelerator.device.type == "cuda"
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, on_gpu)
+    # drop_last: a last batch of one image would crash BatchNorm in training mode
     train_loader = make_loader(with_transform(splits.train, train_transform(cfg.image_size)), cfg.batch_size,
-                               shuffle=True, workers=workers, pin_memory=on_gpu)
+                               shuffle=True, workers=workers, pin_memory=on_gpu,
+                               drop_last=len(splits.train) > cfg.batch_size * accelerator.num_processes)
     val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
                              shuffle=False, workers=workers, pin_memory=on_gpu)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -131,4 +133,6 @@ def fit(cfg: TrainConfig) -> Path:
     accelerator.end_training()
     accelerator.print(f"best val_acc {best_accuracy:.2%}; checkpoints in {run_dir}/ "
                       f"(evaluate: python eval.py --ckpt best --output-dir {cfg.output_dir})")
+    if splits.skipped:
+        accelerator.print(f"warning: {len(splits.skipped)} unusable image file(s) were skipped (listed at the start)")
     return run_dir
