@@ -27,17 +27,20 @@ class Splits:
     skipped: list[str] = field(default_factory=list)  # unusable files left out (see imagefiles.py)
 
 
-def resolve_data(data: Optional[str]) -> str:
-    """--data, else $FLOWERS_DATA, else data/flower_dataset; one line when none is there."""
+def resolve_data(data: Optional[str], download_if_missing: bool = True) -> str:
+    """--data, else $FLOWERS_DATA, else data/flower_dataset, which is downloaded when absent."""
     if data:
         return data
     if os.environ.get("FLOWERS_DATA"):
         return os.environ["FLOWERS_DATA"]
     if DEFAULT_DATA_DIR.is_dir():
         return str(DEFAULT_DATA_DIR)
-    raise UserError(
-        f"no data: pass --data PATH (a folder with one sub-folder per class) or a Hub dataset id, "
-        f"set $FLOWERS_DATA, or put the photos in {DEFAULT_DATA_DIR}/")
+    if not download_if_missing:
+        raise UserError(
+            f"no data: pass --data PATH (a folder with one sub-folder per class) or a Hub dataset id, "
+            f"set $FLOWERS_DATA, or put the photos in {DEFAULT_DATA_DIR}/")
+    from flowers.download import download
+    return str(download(DEFAULT_DATA_DIR.parent))
 
 
 def _pre_split_dirs(root: Path) -> Optional[tuple[Path, Path]]:

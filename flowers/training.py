@@ -67,9 +67,8 @@ def fit(cfg: TrainConfig) -> Path:
     accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to))
     set_seed(cfg.seed)
     init_state = initial_state(cfg.weights)  # before the data: a missing download fails at once
-    data = resolve_data(cfg.data)
-    with accelerator.main_process_first():
-        splits = load_splits(data, cfg.val_split, cfg.seed, cfg.strict)
+    with accelerator.main_process_first():  # the main process downloads/caches, the others reuse
+        splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict)
     run_name = _run_name(accelerator, cfg)
     run_dir = Path(cfg.output_dir) / run_name
     if accelerator.is_main_process:

@@ -44,10 +44,13 @@ def test_eval_transform_is_deterministic(flower_dir):
     assert torch.equal(ds[0]["pixel_values"], ds[0]["pixel_values"])
 
 
-def test_missing_data_says_how_to_point_at_it(tmp_path, monkeypatch):
+def test_missing_data_offline_says_how_to_point_at_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="--data.*FLOWERS_DATA"):
+    monkeypatch.setenv("FLOWERS_DATA_URL", "http://127.0.0.1:9/flower_dataset.zip")  # nothing listens
+    with pytest.raises(UserError, match="could not download.*--data.*FLOWERS_DATA"):
         resolve_data(None)
+    with pytest.raises(UserError, match="--data.*FLOWERS_DATA"):
+        resolve_data(None, download_if_missing=False)
     monkeypatch.setenv("FLOWERS_DATA", "/some/where")
     assert resolve_data(None) == "/some/where"
 
