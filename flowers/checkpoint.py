@@ -26,8 +26,13 @@ ALIASES = ("best", "last")
 _OLD_SUFFIX = ".old"
 
 
-def save_checkpoint(target: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write weights + metadata to `target` atomically (temp dir, fsync, rename)."""
+def save_checkpoint(target: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+                    move_in: Optional[dict[str, Path]] = None) -> Path:
+    """Write weights + metadata to `target` atomically (temp dir, fsync, rename).
+
+    `move_in` maps sub-folder names to folders that are moved into the checkpoint before it
+    appears (e.g. the resumable training state, written by every process beforehand).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -39,6 +44,8 @@ def save_checkpoint(target: Path, state_dict: dict[str, torch.Tensor], meta: dic
         for name in (WEIGHTS_FILE, META_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
+        for name, folder in (move_in or {}).items():
+            os.rename(folder, tmp / name)
         old = target.with_name(target.name + _OLD_SUFFIX)
         if old.exists():
             shutil.rmtree(old)

@@ -33,19 +33,37 @@ class TrainConfig:
     output_dir: str = arg("outputs", "where run folders (checkpoints, config, logs) are written")
     run_name: Optional[str] = arg(None, "name of the run folder; default: a timestamp")
     epochs: int = arg(25, "number of training epochs")
-    lr: float = arg(1e-3, "peak learning rate")
+    lr: float = arg(2e-3, "peak learning rate")
     batch_size: int = arg(32, "images per step per process")
     grad_accum_steps: int = arg(1, "gradient accumulation steps per optimizer step")
     image_size: int = arg(224, "training/evaluation crop size in pixels")
     weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint")
     seed: int = arg(42, "seed for the split, initialisation and data order")
     val_split: float = arg(0.2, "fraction of the images held out for validation (stratified)")
-    optimizer: str = arg("adam", "optimizer", choices=["adam", "adamw", "sgd"])
-    weight_decay: float = arg(0.0, "weight decay")
+    recipe: str = arg("default", "preset for the recipe options below (report: the report's Adam + step "
+                      "schedule, no regularisation); options given explicitly win", choices=["default", "report"])
+    optimizer: str = arg("adamw", "optimizer", choices=["adam", "adamw", "sgd"])
+    weight_decay: float = arg(0.05, "weight decay (decoupled for adamw)")
     momentum: float = arg(0.9, "momentum (sgd only)")
-    scheduler: str = arg("step", "learning-rate schedule", choices=["step", "none"])
+    scheduler: str = arg("cosine", "learning-rate schedule, stepped every optimizer step",
+                         choices=["step", "cosine", "onecycle", "none"])
+    warmup_epochs: float = arg(2.0, "epochs of linear learning-rate warmup (onecycle: 0 means 30%% of the run)")
     step_size: int = arg(7, "step schedule: epochs between learning-rate drops")
     gamma: float = arg(0.1, "step schedule: factor applied at each drop")
+    label_smoothing: float = arg(0.1, "label smoothing of the training loss")
+    dropout: float = arg(0.0, "dropout probability before the classification head")
+    freeze_backbone: int = arg(0, "train only the head for the first N epochs (flag alone: all epochs; 0: off)",
+                               const=-1)
+    mixup: float = arg(0.0, "MixUp alpha (0: off); with --cutmix, one of the two per batch")
+    cutmix: float = arg(0.0, "CutMix alpha (0: off)")
+    ema_decay: float = arg(0.0, "keep an exponential moving average of the weights with this decay per "
+                           "optimizer step (e.g. 0.999; 0: off); evaluated and saved as ema/")
+    early_stopping_patience: int = arg(0, "stop after N epochs without a better val accuracy (0: off)")
+    resume: Optional[str] = arg(None, "continue an interrupted run exactly: the latest run under --output-dir "
+                                "(flag alone) or a run folder / its last/ checkpoint", const="latest")
+    init_from: Optional[str] = arg(None, "start a NEW run from these weights (best, last or a PATH) with a "
+                                   "fresh optimizer and schedule")
+    save_every_steps: int = arg(0, "also save the resumable last/ every N optimizer steps (0: every epoch only)")
     workers: int = arg(-1, "DataLoader worker processes per process; -1 picks from the core count")
     channels_last: bool = arg(True, "use the channels_last memory format (faster on CPU and GPU)")
     report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
@@ -67,6 +85,31 @@ class TrainConfig:
         check(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
         check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
         check(bool(self.weights), "--weights must be imagenet, none or a path")
+        check(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe}")
+        check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        check(self.scheduler != "onecycle" or self.warmup_epochs < self.epochs,
+              "--warmup-epochs must be shorter than --epochs for the onecycle schedule")
+        check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        check(self.freeze_backbone >= -1, f"--freeze-backbone must be a number of epochs, got {self.freeze_backbone}")
+        check(self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix are alphas >= 0")
+        check(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        check(self.early_stopping_patience >= 0, "--early-stopping-patience must be >= 0")
+        check(self.save_every_steps >= 0, "--save-every-steps must be >= 0")
+        check(not (self.resume and self.init_from),
+              "--resume continues a run; --init-from starts a new one: give only one of them")
+
+
+# `--recipe report`: the reference report's recipe (ResNet18, Adam, lr 1e-3, StepLR every 7 epochs
+# x0.1, batch 32, its augmentations, no other regularisation). Values given explicitly win.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "report": {
+        "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "step", "step_size": 7,
+        "gamma": 0.1, "warmup_epochs": 0.0, "batch_size": 32, "label_smoothing": 0.0, "dropout": 0.0,
+        "mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "freeze_backbone": 0,
+    },
+}
 
 
 @dataclass
@@ -144,6 +187,8 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    if cls is TrainConfig:
+        values = {**RECIPES.get(values.get("recipe") or "default", {}), **values}
     hints = typing.get_type_hints(cls)
     converted = {}
     for key, value in values.items():

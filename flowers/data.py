@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -153,6 +154,34 @@ def _transformed_or_none(entry: dict, transform: Callable) -> Optional[torch.Ten
         return None
 
 
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Training examples whose random augmentation depends only on (seed, epoch, example index).
+
+    So an epoch's images are the same whatever the number of worker processes or ranks, and a
+    run resumed mid-epoch sees exactly the images it would have seen. Set `epoch` before each
+    epoch's iterator is created (worker processes must not be persistent to see it).
+    """
+
+    def __init__(self, ds: Dataset, transform: Callable, seed: int):
+        self.ds = ds.cast_column("image", Image(decode=False))  # decoded by imagefiles.load_rgb
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.ds[list(indices)]
+        return [self._example(entry, label, index) for entry, label, index in zip(rows["image"], rows["label"], indices)]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def _example(self, entry: dict, label: int, index: int) -> dict:
+        with torch.random.fork_rng(devices=[]):  # leaves the global RNG (dropout, MixUp) untouched
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return {"pixel_values": _transformed_or_none(entry, self.transform), "labels": label}
+
+
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     examples = [e for e in examples if e["pixel_values"] is not None]
     return {
@@ -167,10 +196,21 @@ def default_workers(num_processes: int, on_gpu: bool) -> int:
     return min(8, per_process) if on_gpu else min(2, per_process)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the main process, which stops
+    cleanly after the current step (see resume.StopOnSignal) instead of losing its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, pin_memory: bool,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, seed: Optional[int] = None, persistent: bool = True) -> DataLoader:
+    """A DataLoader; with `seed`, it has its own generator (shuffling and worker seeds then never
+    draw from the global RNG). `persistent=False` starts workers afresh every epoch, so they see
+    the epoch of a SeededAugmentation."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-        pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=drop_last,
-        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin_memory, persistent_workers=persistent and workers > 0, drop_last=drop_last,
+        prefetch_factor=4 if workers > 0 else None, generator=generator,
+        worker_init_fn=_ignore_sigint if workers > 0 else None,
     )

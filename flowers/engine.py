@@ -52,33 +52,46 @@ def _bar(accelerator: Accelerator, total: int, desc: str) -> tqdm:
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler,
                     loss_fn: Callable, desc: str = "train", channels_last: bool = True,
-                    on_step: Optional[Callable[[int], None]] = None) -> EpochStats:
-    """Train for one pass over `loader`; returns loss/accuracy summed over all processes."""
+                    on_step: Optional[Callable[[int], bool]] = None,
+                    batch_transform: Optional[Callable] = None, totals: Optional[torch.Tensor] = None,
+                    start_step: int = 0) -> EpochStats:
+    """Train for one pass over `loader`; returns loss/accuracy summed over all processes.
+
+    `on_step(step)` runs after every batch and stops the epoch early by returning True.
+    `batch_transform(images, labels) -> (images, targets)` mixes batches (MixUp/CutMix; accuracy
+    is still counted against the original labels). `totals` (float64 on the device: loss sum,
+    correct, seen; updated in place) and `start_step` continue an epoch interrupted after
+    `start_step` batches.
+    """
     model.train()
     device = accelerator.device
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen
+    # this process's sums (updated in place, so the caller sees them from on_step), on the device
+    running = totals if totals is not None else torch.zeros(3, device=device, dtype=torch.float64)
     start = time.perf_counter()
     with _bar(accelerator, len(loader), desc) as bar:
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(loader, start=start_step):
             images, labels = _images(batch, channels_last), batch["labels"]
+            targets = labels
+            if batch_transform is not None:
+                images, targets = batch_transform(images, labels)
             with accelerator.accumulate(model):
                 logits = model(images)
-                loss = loss_fn(logits, labels)
+                loss = loss_fn(logits, targets)
                 accelerator.backward(loss)
                 optimizer.step()
                 if accelerator.sync_gradients and scheduler is not None:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                totals += torch.stack([loss.detach().double() * labels.size(0),
-                                       (logits.argmax(1) == labels).sum().double(),
-                                       torch.tensor(labels.size(0), device=device, dtype=torch.float64)])
+                running += torch.stack([loss.detach().double() * labels.size(0),
+                                        (logits.argmax(1) == labels).sum().double(),
+                                        torch.tensor(labels.size(0), device=device, dtype=torch.float64)])
             bar.update()
             if step % LOG_EVERY == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            if on_step is not None:
-                on_step(step)
-    loss_sum, correct, seen = accelerator.reduce(totals, reduction="sum").tolist()
+            if on_step is not None and on_step(step):
+                break
+    loss_sum, correct, seen = accelerator.reduce(running.clone(), reduction="sum").tolist()
     return EpochStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), samples=int(seen),
                       seconds=time.perf_counter() - start)
 

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from torch import nn
 
 from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
-from flowers.data import Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
+from flowers.data import SeededAugmentation, Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.metrics import compute_metrics
 from flowers.model import ARCH, build_model, initial_state
 from flowers.optim import build_optimizer, build_scheduler
+from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
+from flowers.resume import (Progress, StopOnSignal, append_history, epoch_loader, find_run, load_init_weights,
+                            load_last, resolve_init, resumed_config, trim_history)
+from flowers.resume import save_last as save_last_state
 from flowers.runtime import environment, make_accelerator
 from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, eval_transform, train_transform
 
@@ -62,16 +67,26 @@ def _summary_line(epoch: int, epochs: int, train: EpochStats, val: dict[str, Any
 
 
 def fit(cfg: TrainConfig) -> Path:
-    """Train as configured; returns the run folder holding best/ and last/."""
+    """Train as configured (or continue an interrupted run); returns the run folder holding
+    best/ and last/ (and ema/ with --ema-decay)."""
+    resume_dir = None
+    if cfg.resume:
+        resume_dir = find_run(cfg.resume, cfg.output_dir)
+        cfg = resumed_config(cfg, resume_dir)
+    init_path = resolve_init(cfg.init_from, cfg.output_dir) if cfg.init_from else None
+    if init_path:
+        cfg = dataclasses.replace(cfg, init_from=str(init_path))
     switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
     accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to))
     set_seed(cfg.seed)
-    init_state = initial_state(cfg.weights)  # before the data: a missing download fails at once
+    # before the data: a missing download fails at once. Resuming restores the weights from last/,
+    # and --init-from loads its own, so then the initial ones are not needed.
+    init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
     with accelerator.main_process_first():  # the main process downloads/caches, the others reuse
         splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict)
     run_name = _run_name(accelerator, cfg)
     run_dir = Path(cfg.output_dir) / run_name
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not resume_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     accelerator.print(f"data: {splits.source}  classes: {', '.join(splits.class_names)}  "
@@ -79,59 +94,148 @@ def fit(cfg: TrainConfig) -> Path:
                       f"processes: {accelerator.num_processes}  device: {accelerator.device}  "
                       f"precision: {accelerator.mixed_precision}")
 
-    model = build_model(len(splits.class_names), init_state)
+    model = build_model(len(splits.class_names), init_state, dropout=cfg.dropout)
+    if resume_dir:
+        init_info = checkpoint.load_meta(resume_dir / "last").get("init_from")
+    else:
+        init_info = load_init_weights(model, init_path, splits.class_names) if init_path else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
     on_gpu = accelerator.device.type == "cuda"
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, on_gpu)
     # drop_last: a last batch of one image would crash BatchNorm in training mode
-    train_loader = make_loader(with_transform(splits.train, train_transform(cfg.image_size)), cfg.batch_size,
-                               shuffle=True, workers=workers, pin_memory=on_gpu,
-                               drop_last=len(splits.train) > cfg.batch_size * accelerator.num_processes)
+    train_loader = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
+                               cfg.batch_size, shuffle=True, workers=workers, pin_memory=on_gpu, seed=cfg.seed,
+                               persistent=False, drop_last=len(splits.train) > cfg.batch_size * accelerator.num_processes)
     val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
-                             shuffle=False, workers=workers, pin_memory=on_gpu)
+                             shuffle=False, workers=workers, pin_memory=on_gpu, seed=cfg.seed)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    accelerator.register_for_checkpointing(scheduler)
-    loss_fn = nn.CrossEntropyLoss()
     env = environment(accelerator, model)
+    progress, stopper = Progress(), EarlyStopping(cfg.early_stopping_patience)
+    ema = WeightEMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    accelerator.register_for_checkpointing(scheduler, progress, stopper, *([ema] if ema else []))
+    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    if resume_dir:
+        load_last(accelerator, run_dir, progress, totals)
+        if accelerator.is_main_process:
+            trim_history(run_dir, progress.epoch)
+        accelerator.print(f"resuming {run_dir} after epoch {progress.epoch}/{cfg.epochs}"
+                          + (f" and {progress.batches_done} batches of the next" if progress.batches_done else ""))
+        if progress.finished or progress.epoch >= cfg.epochs:
+            accelerator.print(f"{run_dir} has already finished; nothing to do "
+                              f"(train further with --init-from {run_dir / 'last'})")
+            return run_dir
 
     if switched_offline:
         accelerator.print("W&B: no API key configured, logging offline; upload later with "
                           f"`wandb sync {run_dir}/wandb/offline-run-*`")
     tracking.start(accelerator, cfg.report_to, cfg.wandb_project, run_name, run_dir, to_dict(cfg))
 
-    best_accuracy = -1.0
-    for epoch in range(1, cfg.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, loss_fn,
-                                desc=f"epoch {epoch}/{cfg.epochs}", channels_last=cfg.channels_last)
-        out = evaluate(accelerator, model, val_loader, desc="validate", channels_last=cfg.channels_last)
-        val = compute_metrics(out.scores, out.labels, len(splits.class_names))
-        val["loss"] = out.loss
-        is_best = val["accuracy"] > best_accuracy
-        best_accuracy = max(best_accuracy, val["accuracy"])
-        epoch_metrics = {
-            "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
-            "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
-            "train_samples": train.samples,
-        }
-        if accelerator.is_main_process:
-            state = accelerator.unwrap_model(model).state_dict()
-            meta = checkpoint_meta(cfg, splits, run_name, epoch, epoch * steps_per_epoch,
-                                   {**epoch_metrics, "val": val}, env)
-            checkpoint.save_checkpoint(run_dir / "last", state, meta)
-            if is_best:
-                checkpoint.save_checkpoint(run_dir / "best", state, meta)
-        accelerator.log({**epoch_metrics, "epoch": epoch}, step=epoch)
-        accelerator.print(_summary_line(epoch, cfg.epochs, train, val, lr, epoch_metrics["epoch_time_s"], is_best))
+    def meta(metrics: dict) -> dict:
+        return {**checkpoint_meta(cfg, splits, run_name, progress.epoch, progress.global_step, metrics, env),
+                "init_from": init_info}
+
+    def save_last() -> None:
+        save_last_state(accelerator, run_dir, progress, totals,
+                        lambda: accelerator.unwrap_model(model).state_dict(), meta(progress.last_metrics))
+
+    loss_fn = make_loss(cfg)
+    mix = make_batch_transform(cfg, len(splits.class_names))
+    with StopOnSignal() as stop:
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            loader = epoch_loader(train_loader, epoch - 1, progress.batches_done)
+            last_batch = progress.batches_done + len(loader) - 1
+
+            def on_step(step: int) -> bool:
+                """After each batch: count optimizer steps, update the EMA, save/stop when asked."""
+                if not accelerator.sync_gradients:
+                    return False
+                progress.batches_done, progress.global_step = step + 1, progress.global_step + 1
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model))
+                if step == last_batch:  # the epoch's own save follows
+                    return False
+                stopping = stop.requested(accelerator)
+                if stopping or (cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0):
+                    save_last()
+                return stopping
+
+            if progress.batches_done == 0:
+                progress.epoch_lr = optimizer.param_groups[-1]["lr"]
+            train = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn,
+                                    desc=f"epoch {epoch}/{cfg.epochs}", channels_last=cfg.channels_last,
+                                    on_step=on_step, batch_transform=mix, totals=totals,
+                                    start_step=progress.batches_done)
+            if progress.batches_done <= last_batch:  # on_step stopped the epoch early: a signal
+                _exit_interrupted(accelerator, stop.signum, run_dir, epoch, progress.batches_done, last_batch + 1)
+            should_stop = _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper,
+                                     train, progress.epoch_lr, epoch, meta, save_last)
+            if stop.requested(accelerator) and not progress.finished:
+                _exit_interrupted(accelerator, stop.signum, run_dir, epoch, 0, 0)
+            if should_stop:
+                accelerator.print(f"early stopping: no better val_acc for {cfg.early_stopping_patience} epochs")
+                break
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    accelerator.print(f"best val_acc {best_accuracy:.2%}; checkpoints in {run_dir}/ "
+    accelerator.print(f"best val_acc {progress.best_accuracy:.2%}; checkpoints in {run_dir}/ "
                       f"(evaluate: python eval.py --ckpt best --output-dir {cfg.output_dir})")
     if splits.skipped:
         accelerator.print(f"warning: {len(splits.skipped)} unusable image file(s) were skipped (listed at the start)")
     return run_dir
+
+
+def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper, train, lr, epoch,
+               meta, save_last) -> bool:
+    """Validate (and the EMA), save best/ema/last, log; True when early stopping says stop."""
+    num_classes = len(splits.class_names)
+    out = evaluate(accelerator, model, val_loader, desc="validate", channels_last=cfg.channels_last)
+    val = {**compute_metrics(out.scores, out.labels, num_classes), "loss": out.loss}
+    epoch_metrics = {
+        "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
+        "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
+        "train_samples": train.samples,
+    }
+    ema_is_best = False
+    if ema is not None:
+        ema_out = evaluate(accelerator, ema.module, val_loader, desc="validate ema", channels_last=cfg.channels_last)
+        ema_val = compute_metrics(ema_out.scores, ema_out.labels, num_classes)
+        epoch_metrics.update(ema_val_accuracy=ema_val["accuracy"], ema_val_loss=ema_out.loss)
+        ema_is_best = ema_val["accuracy"] > progress.best_ema_accuracy
+        progress.best_ema_accuracy = max(progress.best_ema_accuracy, ema_val["accuracy"])
+    is_best = val["accuracy"] > progress.best_accuracy
+    progress.best_accuracy = max(progress.best_accuracy, val["accuracy"])
+    should_stop = stopper.step(val["accuracy"])
+    progress.epoch, progress.batches_done = epoch, 0
+    progress.finished = should_stop or epoch == cfg.epochs
+    progress.last_metrics = {**epoch_metrics, "val": val}
+    if accelerator.is_main_process:
+        append_history(run_dir, {"epoch": epoch, **epoch_metrics})
+    accelerator.wait_for_everyone()
+    save_last()
+    if accelerator.is_main_process:
+        if is_best:
+            checkpoint.save_checkpoint(run_dir / "best", accelerator.unwrap_model(model).state_dict(),
+                                       meta(progress.last_metrics))
+        if ema_is_best:
+            checkpoint.save_checkpoint(run_dir / "ema", ema.state_dict(), meta(progress.last_metrics))
+    accelerator.log({**epoch_metrics, "epoch": epoch}, step=epoch)
+    line = _summary_line(epoch, cfg.epochs, train, val, lr, epoch_metrics["epoch_time_s"], is_best)
+    if ema is not None:
+        line += f"  ema_val_acc {epoch_metrics['ema_val_accuracy']:.2%}"
+    accelerator.print(line)
+    return should_stop
+
+
+def _exit_interrupted(accelerator: Accelerator, signum: Optional[int], run_dir: Path, epoch: int,
+                      batches_done: int, batches: int) -> None:
+    signum = signum or signal.SIGTERM  # None on a process that learnt of the signal from another
+    where = f"epoch {epoch}, batch {batches_done}/{batches}" if batches else f"the end of epoch {epoch}"
+    accelerator.print(f"{signal.Signals(signum).name}: saved {run_dir / 'last'} at {where}. Resume with:\n"
+                      f"  {'accelerate launch' if accelerator.num_processes > 1 else 'python'} train.py "
+                      f"--resume {run_dir}")
+    accelerator.end_training()
+    raise SystemExit(128 + signum)

@@ -1,0 +1,220 @@
+"""Continuing from earlier runs: exact resume (--resume), new runs from old weights (--init-from),
+and stopping cleanly on SIGINT/SIGTERM.
+
+The resumable state lives in `<run>/last/training_state/` (Accelerate's save_state: model,
+optimizer, scaler, RNG states of every process, plus our registered objects: the schedule, the
+run's progress, early stopping and the EMA weights). The data needs no saved state: the shuffle
+order is a function of (seed, epoch) (Accelerate's seedable sampler) and each image's
+augmentation of (seed, epoch, index) (data.SeededAugmentation); a run resumed mid-epoch skips
+the batches it has done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import skip_first_batches
+from torch import nn
+
+from flowers import checkpoint
+from flowers.config import TrainConfig, from_dict, to_dict
+from flowers.errors import UserError
+
+STATE_DIR = "training_state"
+STAGING_DIR = ".training_state.tmp"
+HISTORY_FILE = "history.jsonl"
+# Options a resumed run takes from the command line; everything else comes from the run itself.
+RUNTIME_OPTIONS = ("report_to", "wandb_project", "save_every_steps")
+
+
+@dataclass
+class Progress:
+    """Where the run is: completed epochs, batches done in the current epoch, and the best so far."""
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    best_accuracy: float = -1.0
+    best_ema_accuracy: float = -1.0
+    epoch_lr: float = 0.0  # learning rate when the current epoch started (reported per epoch)
+    last_metrics: dict = field(default_factory=dict)
+    finished: bool = False
+    # loss sum, correct, seen of the current epoch's finished batches (all processes together)
+    partial_totals: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+# ---- --resume ---------------------------------------------------------------------------------
+
+def find_run(resume: str, output_dir: str) -> Path:
+    """The run folder to resume: 'latest' (newest last/ under output_dir), a run folder, or its last/."""
+    if resume == "latest":
+        last = checkpoint.resolve("last", output_dir)
+    else:
+        path = Path(resume).expanduser()
+        last = path if (path / checkpoint.META_FILE).is_file() else path / "last"
+        checkpoint._recover(last)
+        if not (last / checkpoint.META_FILE).is_file():
+            raise UserError(f"--resume {resume}: no run with a last/ checkpoint there")
+    if not (last / STATE_DIR).is_dir():
+        raise UserError(f"--resume: {last} holds weights but no {STATE_DIR}/ (saved by an older version?); "
+                        f"start a new run from its weights with --init-from {last}")
+    return last.parent
+
+
+def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The run's own config (so the schedule, data and recipe are the same), with the runtime
+    options of this command line. Says which other given options it ignores."""
+    saved = checkpoint.load_meta(run_dir / "last")["config"]
+    defaults = TrainConfig()
+    ignored = [name for name, value in to_dict(cfg).items()
+               if name not in RUNTIME_OPTIONS + ("resume", "output_dir", "run_name", "config")
+               and value != saved.get(name) and value != getattr(defaults, name)]
+    if ignored:
+        print(f"note: resuming uses the run's own settings; ignoring --{', --'.join(n.replace('_', '-') for n in ignored)}"
+              " (to change them, start a new run with --init-from)")
+    values = {**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS},
+              "output_dir": str(run_dir.parent), "run_name": run_dir.name, "resume": str(run_dir),
+              "init_from": saved.get("init_from"), "config": None}
+    return from_dict(TrainConfig, values, source=f"{run_dir}/last/{checkpoint.META_FILE}")
+
+
+def trim_history(run_dir: Path, completed_epochs: int) -> None:
+    """Drop per-epoch rows written after the state we resume from."""
+    path = run_dir / HISTORY_FILE
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+def append_history(run_dir: Path, row: dict) -> None:
+    with open(run_dir / HISTORY_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---- saving and loading the resumable state ------------------------------------------------------
+
+def save_last(accelerator: Accelerator, run_dir: Path, progress: Progress, totals: torch.Tensor,
+              weights: Callable[[], dict], meta: dict) -> None:
+    """Write `last/` (weights + metadata + training_state) atomically; all processes call this."""
+    staging = run_dir / STAGING_DIR
+    progress.partial_totals = accelerator.reduce(totals.clone(), reduction="sum").tolist()
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.save_checkpoint(run_dir / "last", weights(), meta, move_in={STATE_DIR: staging})
+    accelerator.wait_for_everyone()
+
+
+def load_last(accelerator: Accelerator, run_dir: Path, progress: Progress, totals: torch.Tensor) -> None:
+    accelerator.load_state(str(run_dir / "last" / STATE_DIR))
+    # the saved partial sums are over all processes: the main process carries them
+    totals.copy_(torch.tensor(progress.partial_totals if accelerator.is_main_process else [0.0] * 3,
+                              dtype=totals.dtype))
+
+
+def epoch_loader(train_loader, epoch_index: int, skip_batches: int):
+    """The train loader for this epoch (0-based), without its first `skip_batches` batches.
+
+    The shuffle order follows from Accelerate's seedable sampler and the epoch; augmentation
+    from the epoch and each example's index (data.SeededAugmentation). Nothing else is needed
+    to see exactly the batches an uninterrupted run would see.
+    """
+    train_loader.set_epoch(epoch_index)
+    if hasattr(train_loader.dataset, "epoch"):
+        train_loader.dataset.epoch = epoch_index
+    return skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+
+
+# ---- --init-from ------------------------------------------------------------------------------
+
+def resolve_init(init_from: str, output_dir: str) -> Path:
+    """best / last (of the latest run under output_dir) or a checkpoint/run folder path."""
+    path = checkpoint.resolve(init_from, output_dir)
+    if not (path / checkpoint.WEIGHTS_FILE).is_file():
+        raise UserError(f"--init-from {init_from}: {path} has no {checkpoint.WEIGHTS_FILE}")
+    return path.resolve()
+
+
+def _match_head_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A head saved with or without dropout (fc.1.* vs fc.*) fits a model built the other way."""
+    with_dropout = "fc.1.weight" in model.state_dict()
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            key = "fc." + key.removeprefix("fc.1.").removeprefix("fc.")
+            key = key.replace("fc.", "fc.1.", 1) if with_dropout else key
+        renamed[key] = value
+    return renamed
+
+
+def load_init_weights(model: nn.Module, path: Path, class_names: list[str]) -> dict[str, Any]:
+    """Load a checkpoint's weights into `model`; returns what the new run's metadata records."""
+    from flowers.model import load_model_weights
+
+    meta = checkpoint.load_meta(path)
+    state = _match_head_keys(checkpoint.load_weights(path), model)
+    same_classes = meta.get("class_names") == class_names
+    if not same_classes:  # other classes: keep the backbone, train a new head
+        head = {k: v for k, v in model.state_dict().items() if k.startswith("fc.")}
+        state = {**{k: v for k, v in state.items() if not k.startswith("fc.")}, **head}
+        print(f"note: {path} was trained on other classes ({meta.get('class_names')}); using its backbone "
+              "with a new head")
+    load_model_weights(model, state, source=str(path))
+    return {"path": str(path), "run_name": meta.get("run_name"), "epoch": meta.get("epoch"),
+            "val_accuracy": (meta.get("metrics") or {}).get("val_accuracy"), "head_loaded": same_classes}
+
+
+# ---- SIGINT / SIGTERM -----------------------------------------------------------------------------
+
+class StopOnSignal:
+    """While active, the first SIGINT/SIGTERM only sets `signum` (training stops after the current
+    optimizer step and saves last/); a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving last/ "
+                  "(Ctrl-C again to abort without saving)", flush=True)
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """True on every process when any process got a signal (one collective per step under DDP)."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -1,0 +1,104 @@
+"""Exact resume after SIGTERM, and --init-from starting a new run (real training runs, tiny data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, TINY_TRAIN, make_dataset, run_cli
+
+# dropout, MixUp and EMA make the comparison cover the RNG and every piece of saved state
+RECIPE = ("--epochs", "2", "--batch-size", "4", "--dropout", "0.2", "--mixup", "0.2", "--ema-decay", "0.9",
+          "--seed", "3")
+TIMEOUT = 1200  # seconds; each run takes ~15 s on an idle 2-core machine
+
+
+def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("python", "train.py", "--data", str(data), "--output-dir", str(out), *TINY_TRAIN, *RECIPE, *extra,
+                   timeout=TIMEOUT)
+
+
+def _history(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    for row in rows:  # wall-clock numbers legitimately differ
+        for key in ("epoch_time_s", "images_per_s"):
+            row.pop(key)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, run folder) of a 2-epoch run that nobody interrupted."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = make_dataset(root / "flowers", per_class=5)
+    _train(data, root / "out", "--run-name", "whole")
+    return data, root / "out" / "whole"
+
+
+def _start_and_sigterm_in_epoch_2(data: Path, out: Path) -> subprocess.CompletedProcess:
+    """Start the same run, send SIGTERM once epoch 1 is saved (so it lands in epoch 2), wait."""
+    cmd = [sys.executable, "train.py", "--data", str(data), "--output-dir", str(out), *TINY_TRAIN, *RECIPE,
+           "--run-name", "cut"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # progress bars go to stderr
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("epoch 1/2  train_loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output.extend(proc.stdout)
+    proc.wait(timeout=TIMEOUT)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(output), "")
+
+
+def test_sigterm_saves_last_and_resume_ends_exactly_like_an_uninterrupted_run(uninterrupted, tmp_path):
+    data, whole = uninterrupted
+    out = tmp_path / "out"
+    stopped = _start_and_sigterm_in_epoch_2(data, out)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-2000:]
+    assert f"Resume with:\n  python train.py --resume {out / 'cut'}" in stopped.stdout
+    cut = out / "cut"
+    meta = json.loads((cut / "last" / "checkpoint.json").read_text())
+    assert meta["epoch"] == 1 and (cut / "last" / "training_state").is_dir()
+
+    resumed = _train(data, out, "--resume")  # no DIR: the latest run under --output-dir
+    assert f"resuming {cut} after epoch 1/2" in resumed.stdout
+    for name in ("last", "best", "ema"):
+        ours, theirs = load_file(str(cut / name / "model.safetensors")), load_file(str(whole / name / "model.safetensors"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f"{name}/ weights differ"
+    assert _history(cut) == _history(whole)
+
+    again = _train(data, out, "--resume", str(cut))
+    assert "has already finished" in again.stdout
+
+
+def test_init_from_starts_a_new_run_from_those_weights_with_a_fresh_optimizer(uninterrupted):
+    data, whole = uninterrupted
+    out = whole.parent
+    # frozen backbone: its parameters must stay exactly the source's, proving where the run started
+    run_cli("python", "train.py", "--data", str(data), "--output-dir", str(out), *TINY_TRAIN, "--epochs", "1",
+            "--batch-size", "4", "--init-from", "best", "--lr", "1e-4", "--freeze-backbone", "--run-name", "stage2",
+            timeout=TIMEOUT)
+    stage2 = out / "stage2"
+    meta = json.loads((stage2 / "last" / "checkpoint.json").read_text())
+    assert meta["init_from"]["path"] == str((whole / "best").resolve())
+    assert meta["init_from"]["head_loaded"] and meta["config"]["init_from"] == str((whole / "best").resolve())
+    source, new = load_file(str(whole / "best" / "model.safetensors")), load_file(str(stage2 / "last" / "model.safetensors"))
+    source = {k.replace("fc.1.", "fc."): v for k, v in source.items()}  # the source run had dropout
+    backbone = [k for k in new if not k.startswith("fc.") and "running_" not in k and "num_batches" not in k]
+    assert backbone and all(torch.equal(new[k], source[k]) for k in backbone)
+    assert not torch.equal(new["fc.weight"], source["fc.weight"])
+    optimizer = torch.load(stage2 / "last" / "training_state" / "optimizer.bin", weights_only=True)
+    steps = {int(state["step"]) for state in optimizer["state"].values()}
+    assert steps == {meta["global_step"]} == {5}  # 20 training images / batch 4: this run's steps only
+    assert [group["initial_lr"] for group in optimizer["param_groups"]] == [1e-4]  # the new run's lr, head only
