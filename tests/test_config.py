@@ -4,10 +4,11 @@ from flowers.config import EvalConfig, TrainConfig, parse
 from flowers.errors import UserError
 
 
-def test_defaults_match_the_report():
+def test_defaults_keep_the_reports_setup_and_recipe_report_its_recipe():
     cfg = parse(TrainConfig, [])
-    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.val_split, cfg.image_size) == (1e-3, 25, 32, 0.2, 224)
-    assert cfg.optimizer == "adam" and cfg.scheduler == "step"
+    assert (cfg.epochs, cfg.batch_size, cfg.val_split, cfg.image_size) == (25, 32, 0.2, 224)
+    report = parse(TrainConfig, ["--recipe", "report"])
+    assert (report.lr, report.optimizer, report.scheduler) == (1e-3, "adam", "step")
 
 
 def test_yaml_config_and_flags_win(tmp_path):
