@@ -8,8 +8,10 @@ an idle 2-core CPU.
     python bench/recipe_vs_report.py --data ../shared/data/flower_dataset --out /tmp/bench
     python bench/recipe_vs_report.py --out /tmp/bench --plot-only      # re-plot finished runs
 
-The two runs go one after the other (--parallel runs them side by side). Each run's exact
-command is printed and saved as <out>/<name>.cmd; its output as <out>/<name>.log.
+The two runs go one after the other (--parallel runs them side by side; add --pin-cores to
+give each its own core with taskset, which on a busy 2-core machine avoids the two runs'
+threads thrashing). Each run's exact command is printed and saved as <out>/<name>.cmd; its
+output as <out>/<name>.log; wall times go to <out>/wall_seconds.json.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ def train_command(data: str, out: Path, name: str, epochs: int, image_size: int,
             *RECIPES[name]]
 
 
-def start(cmd: list[str], out: Path, name: str) -> subprocess.Popen:
+def start(cmd: list[str], out: Path, name: str, core: int | None = None) -> subprocess.Popen:
     (out / f"{name}.cmd").write_text(shlex.join(cmd) + "\n")
     print(f"[{name}] {shlex.join(cmd)}", flush=True)
     log = open(out / f"{name}.log", "w")
+    if core is not None:
+        cmd = ["taskset", "-c", str(core), *cmd]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--parallel", action="store_true", help="run both recipes at the same time")
+    parser.add_argument("--pin-cores", action="store_true", help="with --parallel: run i on core i (taskset)")
     parser.add_argument("--plot-only", action="store_true", help="only plot runs already in --out")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -90,9 +95,10 @@ def main() -> None:
     if not args.plot_only:
         wall = {}
         procs = {}
-        for name in RECIPES:
+        for core, name in enumerate(RECIPES):
             cmd = train_command(args.data, out, name, args.epochs, args.image_size, args.workers)
-            procs[name] = (start(cmd, out, name), time.perf_counter())
+            pin = core if args.parallel and args.pin_cores else None
+            procs[name] = (start(cmd, out, name, pin), time.perf_counter())
             if not args.parallel:
                 code = procs[name][0].wait()
                 wall[name] = time.perf_counter() - procs[name][1]
@@ -106,10 +112,13 @@ def main() -> None:
         (out / "wall_seconds.json").write_text(json.dumps(wall, indent=2))
 
     histories = {name: read_history(out, name) for name in RECIPES}
+    wall = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").is_file() else {}
     for name, rows in histories.items():
         if rows:
             best = max(rows, key=lambda r: r["val_accuracy"])
-            print(f"{name:8s} best val_acc {best['val_accuracy']:.2%} (epoch {best['epoch']}/{len(rows)})")
+            seconds = wall.get(name) or sum(r["epoch_time_s"] for r in rows)
+            print(f"{name:8s} best val_acc {best['val_accuracy']:.2%} (epoch {best['epoch']}/{len(rows)}), "
+                  f"wall {seconds / 60:.0f} min")
     print(f"learning curves: {plot(out, histories)}")
 
 
