@@ -1,6 +1,7 @@
 """The user's workflow, for real: train.py (one process and two DDP ranks) then eval.py --ckpt best."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,8 +28,9 @@ def single_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     data = make_dataset(tmp / "flowers")
     out = tmp / "outputs"
-    proc = run_cli("python", "train.py", "--data", str(data), "--epochs", "2", "--output-dir", str(out),
-                   *TINY_TRAIN, cwd=tmp)
+    # the real launcher, as users run it; it sets OMP_NUM_THREADS=1, which train.py must override
+    proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu.yaml", "train.py",
+                   "--data", str(data), "--epochs", "2", "--output-dir", str(out), *TINY_TRAIN, cwd=tmp)
     return tmp, data, out, proc
 
 
@@ -45,6 +47,7 @@ def test_training_writes_best_and_last_with_self_contained_metadata(single_run):
     assert meta["image_size"] == 32 and meta["config"]["epochs"] == 2
     assert 0 <= meta["metrics"]["val_accuracy"] <= 1
     assert meta["environment"]["num_processes"] == 1
+    assert meta["environment"]["torch_threads"] == len(os.sched_getaffinity(0))  # all cores
 
 
 def test_eval_best_reproduces_the_recorded_accuracy(single_run):
