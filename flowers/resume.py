@@ -63,7 +63,11 @@ class Progress:
 def find_run(resume: str, output_dir: str) -> Path:
     """The run folder to resume: 'latest' (newest last/ under output_dir), a run folder, or its last/."""
     if resume == "latest":
-        last = checkpoint.resolve("last", output_dir)
+        try:
+            last = checkpoint.resolve("last", output_dir)
+        except UserError:
+            raise UserError(f"--resume: no run with a last/ checkpoint under {output_dir}/ "
+                            "(pass --output-dir or the run folder: --resume DIR)") from None
     else:
         path = Path(resume).expanduser()
         last = path if (path / checkpoint.META_FILE).is_file() else path / "last"
