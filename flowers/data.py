@@ -87,7 +87,7 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False) ->
     images are split stratified by class with `seed`, so every process (and eval.py later) gets
     exactly the same split. Unusable image files are left out with a warning each (`strict`: an error).
     """
-    root = Path(data).expanduser()
+    root = Path(data).expanduser().absolute()  # recorded in checkpoints: eval.py may run elsewhere
     if root.is_file():
         raise UserError(f"--data {data} is a file; expected a folder with one sub-folder per class")
     if root.is_dir():
