@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import datasets
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
 from flowers import imagefiles
 from flowers.errors import UserError
+from flowers.runtime import usable_cores
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -132,6 +135,39 @@ def full_dataset(data: str, strict: bool = False) -> tuple[Dataset, list[str]]:
 def image_paths(ds: Dataset) -> list[Optional[str]]:
     """File path of every example (None for images stored as bytes), without decoding any image."""
     return [item["path"] for item in ds.cast_column("image", Image(decode=False))["image"]]
+
+
+def _shrink(img: PILImage.Image, short_side: int) -> PILImage.Image:
+    """Short side down to `short_side` the way transforms.v2.Resize(short_side) computes the size
+    (so evaluation on the cache sees the same pixels); smaller images stay as they are."""
+    short, long = sorted(img.size)
+    if short <= short_side:
+        return img
+    new_long = int(short_side * long / short)
+    size = (short_side, new_long) if img.width == short else (new_long, short_side)
+    return img.resize(size, PILImage.BILINEAR)
+
+
+def _resize_batch(batch: dict, short_side: int) -> dict:
+    return {"image": [_shrink(imagefiles.load_rgb(entry), short_side) for entry in batch["image"]]}
+
+
+def resized_copy(ds: Dataset, short_side: int) -> Dataset:
+    """`ds` with every image decoded once and stored resized (losslessly, as PNG) in an Arrow file
+    under the `datasets` cache, named by the dataset's fingerprint (its paths and labels) and
+    `short_side`, so later epochs and runs read small images instead of decoding full-size JPEGs."""
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "flowers-resized"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source = ds.cast_column("image", Image(decode=False))
+    return source.map(
+        _resize_batch, batched=True, batch_size=64, fn_kwargs={"short_side": short_side}, features=ds.features,
+        num_proc=min(4, usable_cores()) if len(ds) >= 1000 else None,
+        cache_file_name=str(cache_dir / f"{source._fingerprint}-short{short_side}-v1.arrow"),
+        desc=f"caching images at short side {short_side}")
+
+
+def resized_splits(splits: Splits, short_side: int) -> Splits:
+    return replace(splits, train=resized_copy(splits.train, short_side), val=resized_copy(splits.val, short_side))
 
 
 def with_transform(ds: Dataset, transform: Callable) -> Dataset:

@@ -83,9 +83,9 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                running += torch.stack([loss.detach().double() * labels.size(0),
-                                        (logits.argmax(1) == labels).sum().double(),
-                                        torch.tensor(labels.size(0), device=device, dtype=torch.float64)])
+                running[:2] += torch.stack([loss.detach().double() * labels.size(0),
+                                            (logits.argmax(1) == labels).sum().double()])
+                running[2] += labels.size(0)  # a Python number, not a tensor copied to the device each step
             bar.update()
             if step % LOG_EVERY == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -22,17 +22,20 @@ def has_gpu() -> bool:
 
 
 def make_accelerator(seed: int, grad_accum_steps: int = 1, log_with: Optional[list[str]] = None,
-                     project_dir: Optional[str] = None) -> Accelerator:
+                     project_dir: Optional[str] = None, compile: bool = False) -> Accelerator:
     """One Accelerator for CPU, one GPU or many; precision comes from `accelerate launch`/config."""
     accelerator = Accelerator(
         # With no GPU, force the CPU backend: a multi-process launch then really runs DDP over
         # gloo (without this, a MULTI_GPU config with use_cpu silently runs N separate 1-process jobs).
         cpu=not has_gpu(),
+        # None leaves the choice to `accelerate launch --dynamo_backend`.
+        dynamo_backend="inductor" if compile else None,
         gradient_accumulation_steps=grad_accum_steps,
         log_with=log_with or None,
         project_dir=project_dir,
         # Accelerate owns the shuffle order (seeded per epoch), which makes data order resumable.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        # non_blocking: batch copies to the GPU overlap compute (with pinned memory); no effect on CPU.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, non_blocking=True),
         # Our scheduler steps once per optimizer step, which we call ourselves.
         step_scheduler_with_optimizer=False,
     )

@@ -17,6 +17,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
 from flowers.data import SeededAugmentation, Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
+from flowers.data import resized_splits
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.metrics import compute_metrics
 from flowers.model import ARCH, build_model, initial_state
@@ -77,13 +78,16 @@ def fit(cfg: TrainConfig) -> Path:
     if init_path:
         cfg = dataclasses.replace(cfg, init_from=str(init_path))
     switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
-    accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to))
+    accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
+                                   compile=cfg.compile)
     set_seed(cfg.seed)
     # before the data: a missing download fails at once. Resuming restores the weights from last/,
     # and --init-from loads its own, so then the initial ones are not needed.
     init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
     with accelerator.main_process_first():  # the main process downloads/caches, the others reuse
         splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict)
+        if cfg.cache_resized:
+            splits = resized_splits(splits, eval_size(cfg.image_size))
     run_name = _run_name(accelerator, cfg)
     run_dir = Path(cfg.output_dir) / run_name
     if accelerator.is_main_process and not resume_dir:

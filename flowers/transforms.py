@@ -1,13 +1,65 @@
 """Image pipelines (torchvision.transforms.v2): the report's augmentations for training,
-resize + centre crop for evaluation. Geometry runs on uint8 tensors (cheaper than float)."""
+resize + centre crop for evaluation. Both work on uint8 pixels and convert to float last."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+from PIL import Image, ImageStat
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA = np.array([0.299, 0.587, 0.114])  # the grey of ITU-R 601, as torchvision's rgb_to_grayscale
+
+
+class ColorJitterMatrix:
+    """Random brightness, contrast, saturation and hue, in random order, like v2.ColorJitter, but
+    composed into one 3x4 colour matrix that PIL applies in a single C pass over the uint8 pixels
+    (4x cheaper; the HSV hue shift alone costs more than all other augmentations together).
+    Hue is a rotation about the grey axis, the usual linear stand-in for an HSV hue shift; values
+    are clipped once at the end rather than after every step."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float):
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(brightness={self.brightness}, contrast={self.contrast}, "
+                f"saturation={self.saturation}, hue={self.hue})")
+
+    @staticmethod
+    def _factor(spread: float) -> float:
+        return float(torch.empty(1).uniform_(1 - spread, 1 + spread))
+
+    def _step(self, kind: int, mean_rgb: np.ndarray) -> np.ndarray:
+        """One jitter step as a 4x4 affine matrix on homogeneous RGB; `mean_rgb` is the current mean."""
+        step = np.eye(4)
+        if kind == 0:
+            step[:3, :3] *= self._factor(self.brightness)
+        elif kind == 1:  # blend with the mean grey of the image
+            c = self._factor(self.contrast)
+            step[:3, :3] *= c
+            step[:3, 3] = (1 - c) * float(LUMA @ mean_rgb)
+        elif kind == 2:  # blend with the pixel's own grey
+            s = self._factor(self.saturation)
+            step[:3, :3] = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA)
+        else:
+            angle = 2 * math.pi * float(torch.empty(1).uniform_(-self.hue, self.hue))
+            axis = np.ones(3) / math.sqrt(3)
+            cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+            step[:3, :3] = (math.cos(angle) * np.eye(3) + math.sin(angle) * cross
+                            + (1 - math.cos(angle)) * np.outer(axis, axis))
+        return step
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        mean_rgb = np.array(ImageStat.Stat(img.reduce(4) if min(img.size) >= 16 else img).mean[:3])
+        matrix = np.eye(4)
+        for kind in torch.randperm(4).tolist():
+            current_mean = (matrix @ np.append(mean_rgb, 1.0))[:3]
+            matrix = self._step(kind, current_mean) @ matrix
+        return img.convert("RGB", tuple(matrix[:3].ravel().tolist()))
 
 
 def _to_normalised_float(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list:
@@ -15,14 +67,18 @@ def _to_normalised_float(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list:
 
 
 def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
-    """The report's augmentation: random resized crop, flip, rotation, colour jitter, affine."""
+    """The report's augmentation: random resized crop, flip, rotation, affine, colour jitter.
+
+    The steps run on the PIL image (C code on uint8), 2-3x faster than the same steps on tensors,
+    which matters on a small CPU where decoding competes with training. Rotation (+-15 degrees) and
+    the affine shift/scale are one warp: the same random transform, resampled once instead of twice.
+    """
     return v2.Compose([
-        v2.ToImage(),
         v2.RandomResizedCrop(image_size, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomRotation(15),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
-        v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        ColorJitterMatrix(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+        v2.ToImage(),
         *_to_normalised_float(mean, std),
     ])
 
@@ -34,8 +90,8 @@ def eval_size(image_size: int) -> int:
 
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     return v2.Compose([
-        v2.ToImage(),
         v2.Resize(eval_size(image_size), antialias=True),
         v2.CenterCrop(image_size),
+        v2.ToImage(),
         *_to_normalised_float(mean, std),
     ])

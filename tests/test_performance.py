@@ -1,0 +1,79 @@
+"""Speed features keep behaviour: the resized-image cache, the one-pass colour jitter, the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Image
+from PIL import Image as PILImage
+
+from conftest import REPO, TINY_TRAIN, run_cli
+from flowers.data import load_splits, resized_splits
+from flowers.imagefiles import load_rgb
+from flowers.transforms import ColorJitterMatrix, eval_size, eval_transform
+
+
+def test_cache_resized_keeps_eval_pixels_and_is_reused(flower_dir):
+    splits = load_splits(str(flower_dir), 0.2, seed=0)
+    short_side = eval_size(64)
+    cached = resized_splits(splits, short_side)
+
+    assert len(cached.train) == len(splits.train) and cached.val["label"] == splits.val["label"]
+    assert all(min(img.size) <= short_side for img in cached.train["image"])
+    transform = eval_transform(64)
+    originals = splits.val.cast_column("image", Image(decode=False))["image"]
+    for entry, small in zip(originals, cached.val["image"]):
+        assert torch.equal(transform(load_rgb(entry)), transform(small))
+
+    cache_file = Path(cached.train.cache_files[0]["filename"])
+    written = cache_file.stat().st_mtime_ns
+    again = resized_splits(load_splits(str(flower_dir), 0.2, seed=0), short_side)
+    assert again.train.cache_files[0]["filename"] == str(cache_file)
+    assert cache_file.stat().st_mtime_ns == written  # read back, not rebuilt
+    other_size = resized_splits(splits, eval_size(32))
+    assert other_size.train.cache_files[0]["filename"] != str(cache_file)
+
+
+def _photo(size=(48, 40)) -> PILImage.Image:
+    rng = np.random.default_rng(0)
+    return PILImage.fromarray(rng.integers(30, 220, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_color_jitter_matrix_is_identity_without_jitter_and_varies_with_it():
+    img = _photo()
+    assert np.array_equal(np.asarray(ColorJitterMatrix(0, 0, 0, 0)(img)), np.asarray(img))
+
+    torch.manual_seed(0)
+    brighter_or_darker = np.asarray(ColorJitterMatrix(0.2, 0, 0, 0)(img)).astype(float)
+    ratio = brighter_or_darker.sum() / np.asarray(img).astype(float).sum()
+    assert 0.79 <= ratio <= 1.21 and abs(ratio - 1) > 1e-3
+
+    grey = PILImage.new("RGB", (16, 16), (120, 120, 120))  # hue and saturation leave grey alone
+    assert np.array_equal(np.asarray(ColorJitterMatrix(0, 0, 0.2, 0.05)(grey)), np.asarray(grey))
+
+    jittered = {ColorJitterMatrix(0.2, 0.2, 0.2, 0.05)(img).tobytes() for _ in range(5)}
+    assert len(jittered) == 5
+
+
+def test_train_with_cache_resized(flower_dir, tmp_path):
+    proc = run_cli("python", "train.py", "--data", str(flower_dir), "--epochs", "1", "--cache-resized",
+                   "--output-dir", str(tmp_path / "out"), *TINY_TRAIN)
+    assert "caching images at short side 37" in proc.stderr
+    assert len(list((tmp_path / "out").glob("*/best/model.safetensors"))) == 1
+
+
+def test_throughput_bench_prints_ratios_and_the_plain_recipe(flower_dir, tmp_path):
+    report = tmp_path / "bench.json"
+    proc = run_cli(sys.executable, str(REPO / "bench" / "throughput.py"), "--data", str(flower_dir),
+                   "--image-size", "32", "--batch-size", "8", "--model-steps", "2", "--workers", "1",
+                   "--json", str(report))
+    for line in ("startup to first training step", "b/a", "c/model-only", "ours (b) / plain", "peak memory"):
+        assert line in proc.stdout
+    results = json.loads(report.read_text())
+    assert results["train_images"] == 32 and results["plain"]["images"] == 32
+    assert results["train_end_to_end"] > 0 and results["train_model_only"] > 0
