@@ -121,7 +121,12 @@ class EvalConfig:
     output_dir: str = arg("outputs", "where training wrote its run folders")
     data: Optional[str] = arg(
         None, "evaluate on this folder instead of the checkpoint's validation split (same classes)")
+    split: Optional[str] = arg(
+        None, "which images: val or train (the checkpoint's split, or the same split of --data) or all; "
+        "default: val, or all with --data", choices=["val", "train", "all"])
     batch_size: Optional[int] = arg(None, "default: the training batch size recorded in the checkpoint")
+    top_k: int = arg(2, "also report top-k accuracy for this k")
+    mistakes: int = arg(16, "how many of the most confidently wrong images to show in mistakes.png")
     workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count")
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
@@ -129,7 +134,43 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check(self.batch_size is None or self.batch_size >= 1,
               f"--batch-size must be at least 1, got {self.batch_size}")
+        check(self.split in (None, "val", "train", "all"), f"split must be val, train or all, got {self.split}")
+        check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
+        check(self.mistakes >= 0, f"--mistakes must be >= 0, got {self.mistakes}")
         check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
+
+
+@dataclass
+class PredictConfig:
+    inputs: list[str] = field(default_factory=list, metadata={
+        "help": "image files and/or folders (searched recursively for images)", "positional": True,
+        "metavar": "IMAGE_OR_FOLDER"})
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
+    output_dir: str = arg("outputs", "where training wrote its run folders")
+    top_k: int = arg(2, "classes to show per image, most probable first")
+    output: Optional[str] = arg(None, "also write the predictions to this .csv or .json file")
+    batch_size: int = arg(32, "images per forward pass")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+
+    def __post_init__(self) -> None:
+        check(bool(self.inputs), "give at least one image file or folder")
+        check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        check(self.output is None or self.output.lower().endswith((".csv", ".json")),
+              f"--output {self.output}: the file name must end in .csv or .json")
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
+    output_dir: str = arg("outputs", "where training wrote its run folders")
+    format: str = arg("onnx", "onnx (needs the onnx extra: pip install 'flowers[onnx]') or torchscript",
+                      choices=["onnx", "torchscript"])
+    out: Optional[str] = arg(None, "folder to write to; default: <run>/export-<ckpt name>")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+
+    def __post_init__(self) -> None:
+        check(self.format in ("onnx", "torchscript"), f"format must be onnx or torchscript, got {self.format}")
 
 
 def check(condition: bool, message: str) -> None:
@@ -160,7 +201,9 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
         kind = _base_type(hints[f.name])
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
-        if kind is bool:
+        if meta.pop("positional", False):  # e.g. predict's IMAGE_OR_FOLDER...
+            parser.add_argument(f.name, nargs="+", type=kind, help=help_text, **meta)
+        elif kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {f.default})")
         elif "const" in f.metadata:  # flag with an optional value, e.g. --resume [DIR]
@@ -196,7 +239,9 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     converted = {}
     for key, value in values.items():
         kind = _base_type(hints[key])
-        if value is not None and kind in (int, float, str) and not isinstance(value, bool):
+        if typing.get_origin(hints[key]) is list:  # a list of strings, e.g. predict's inputs
+            value = [str(v) for v in (value if isinstance(value, list) else [value])]
+        elif value is not None and kind in (int, float, str) and not isinstance(value, bool):
             try:
                 value = kind(value)
             except (TypeError, ValueError):

@@ -18,6 +18,7 @@ from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
 from flowers.data import SeededAugmentation, Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
 from flowers.data import resized_splits
+from flowers.datacheck import warn_about_data
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.metrics import compute_metrics
 from flowers.model import ARCH, build_model, initial_state
@@ -86,6 +87,7 @@ def fit(cfg: TrainConfig) -> Path:
     init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
     with accelerator.main_process_first():  # the main process downloads/caches, the others reuse
         splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict)
+        warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
         if cfg.cache_resized:
             splits = resized_splits(splits, eval_size(cfg.image_size))
     run_name = _run_name(accelerator, cfg)

@@ -77,3 +77,21 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 TINY_TRAIN = ("--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to", "none",
               "--workers", "0")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """One tiny checkpoint (1 epoch, 32 px, 40 real photos) shared by the eval/predict/export tests.
+
+    Session-scoped, so it sets its own hermetic environment instead of using `hermetic_env`.
+    Returns {"output_dir", "data", "ckpt"} paths.
+    """
+    root = tmp_path_factory.mktemp("trained")
+    env = {"HF_HOME": str(root / "hf"), "TORCH_HOME": str(root / "torch"), "MPLCONFIGDIR": str(root / "mpl"),
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    data = make_dataset(root / "flowers")
+    output_dir = root / "outputs"
+    run_cli("python", "train.py", "--data", str(data), "--output-dir", str(output_dir), "--epochs", "1",
+            "--run-name", "tiny", "--seed", "3", *TINY_TRAIN, env=env)
+    return {"output_dir": output_dir, "data": data, "ckpt": output_dir / "tiny" / "best"}

@@ -1,0 +1,133 @@
+"""Predict the classes of photos with a trained checkpoint (only the checkpoint folder is needed).
+
+    python -m flowers.predict --ckpt best photo.jpg more_photos/ [--top-k 3] [--output predictions.csv]
+
+Prints one line per image with its top-k classes and probabilities. A file that cannot be read as
+an image gets one line on stderr and the others are still predicted; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from PIL import Image, ImageOps
+
+from flowers import checkpoint
+from flowers.cli import run
+from flowers.config import PredictConfig, parse
+from flowers.transforms import eval_transform
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most probable first
+    error: Optional[str] = None
+
+
+def collect_inputs(inputs: list[str]) -> Iterator[tuple[str, Optional[str]]]:
+    """(path, problem) for each file named or found (recursively, by image suffix) in a named folder."""
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                yield item, "folder holds no image files"
+            yield from ((str(p), None) for p in found)
+        elif path.is_file():
+            yield item, None
+        else:
+            yield item, "no such file or folder"
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode like the training data (datasets applies the EXIF orientation too)."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.inference_mode()
+def predict(cfg: PredictConfig) -> list[Prediction]:
+    ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
+    model, meta = checkpoint.load_model(ckpt_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    class_names = meta["class_names"]
+    norm = meta["normalization"]
+    transform = eval_transform(int(meta["image_size"]), norm["mean"], norm["std"])
+    k = min(cfg.top_k, len(class_names))
+
+    results = []
+    for chunk in _batches(list(collect_inputs(cfg.inputs)), cfg.batch_size):
+        tensors, readable = [], []
+        for path, problem in chunk:
+            if problem is None:
+                try:
+                    tensors.append(transform(load_rgb(path)))
+                    readable.append(Prediction(path))
+                    results.append(readable[-1])
+                    continue
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    problem = f"not a readable image ({type(e).__name__}: {e})"
+            results.append(Prediction(path, error=problem))
+            _say_skipped(results[-1])
+        if tensors:
+            probs = torch.softmax(model(torch.stack(tensors).to(device)).float(), dim=1).cpu()
+            top_probs, top_ids = probs.topk(k, dim=1)
+            for prediction, p_row, id_row in zip(readable, top_probs.tolist(), top_ids.tolist()):
+                prediction.top = [(class_names[i], p) for i, p in zip(id_row, p_row)]
+                print(f"{prediction.path}  " + "  ".join(f"{name} {p:.1%}" for name, p in prediction.top))
+    return results
+
+
+def _say_skipped(prediction: Prediction) -> None:
+    print(f"skipped {prediction.path}: {prediction.error}", file=sys.stderr)
+
+
+def write_csv(path: Path, results: list[Prediction], k: int) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *[f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("class", "probability")],
+                         "error"])
+        for r in results:
+            cells = [cell for name, p in r.top for cell in (name, f"{p:.6f}")]
+            writer.writerow([r.path, *cells, *[""] * (2 * k - len(cells)), r.error or ""])
+
+
+def write_json(path: Path, results: list[Prediction]) -> None:
+    rows = [{"path": r.path, "top_k": [{"class": name, "probability": p} for name, p in r.top]} if r.error is None
+            else {"path": r.path, "error": r.error} for r in results]
+    path.write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    cfg = parse(PredictConfig, description=__doc__)
+    results = predict(cfg)
+    if cfg.output:
+        output = Path(cfg.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix.lower() == ".csv":
+            k = max((len(r.top) for r in results), default=cfg.top_k)
+            write_csv(output, results, k)
+        else:
+            write_json(output, results)
+        print(f"predictions written to {output}", file=sys.stderr)
+    if any(r.error for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(main)

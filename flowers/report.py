@@ -1,0 +1,81 @@
+"""Human-readable evaluation output: the per-class table, the confusion-matrix PNG and the grid
+of the most confidently wrong images (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def metrics_table(metrics: dict, class_names: list[str]) -> str:
+    """Per-class precision/recall/F1/support rows, then macro averages, accuracy, top-k and loss."""
+    per_class = metrics["per_class"]
+    width = max(len("macro avg"), *(len(n) for n in class_names))
+    lines = [f"{'class':<{width}}  precision  recall      f1  support"]
+    for i, name in enumerate(class_names):
+        lines.append(f"{name:<{width}}  {per_class['precision'][i]:9.3f}  {per_class['recall'][i]:6.3f}  "
+                     f"{per_class['f1'][i]:6.3f}  {per_class['support'][i]:7d}")
+    n = metrics["num_samples"]
+    k = metrics["top_k"]
+    lines += [
+        "-" * len(lines[0]),
+        f"{'macro avg':<{width}}  {metrics['macro_precision']:9.3f}  {metrics['macro_recall']:6.3f}  "
+        f"{metrics['macro_f1']:6.3f}  {n:7d}",
+        f"accuracy {metrics['accuracy']:.2%} ({round(metrics['accuracy'] * n)}/{n})  "
+        f"top-{k} accuracy {metrics[f'top{k}_accuracy']:.2%}  loss {metrics['loss']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(confusion: list[list[int]], class_names: list[str], title: str, path: Path) -> Path:
+    """Counts in the cells; colour is the share of each true class (row), so rows compare fairly."""
+    plt = _pyplot()
+    counts = np.asarray(confusion)
+    row_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.9 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=120)
+    image = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    for (row, col), count in np.ndenumerate(counts):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=11,
+                color="white" if row_share[row, col] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_mistakes(images: list[Image.Image], captions: list[str], title: str, path: Path,
+                  columns: int = 4) -> Path:
+    """A grid of images with a caption each (true label, prediction, confidence, file)."""
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.6), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=9)
+    if not images:
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
