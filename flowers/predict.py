@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from flowers import checkpoint
+from flowers import checkpoint, imagefiles
 from flowers.cli import run
 from flowers.config import PredictConfig, parse
 from flowers.transforms import eval_transform
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 @dataclass
 class Prediction:
@@ -38,7 +35,8 @@ def collect_inputs(inputs: list[str]) -> Iterator[tuple[str, Optional[str]]]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in imagefiles.IMAGE_EXTENSIONS)
             if not found:
                 yield item, "folder holds no image files"
             yield from ((str(p), None) for p in found)
@@ -48,10 +46,12 @@ def collect_inputs(inputs: list[str]) -> Iterator[tuple[str, Optional[str]]]:
             yield item, "no such file or folder"
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode like the training data (datasets applies the EXIF orientation too)."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+def load_image(path: str) -> Image.Image:
+    """Decoded exactly as training decodes its images; UnusableImage when not an image."""
+    problem = imagefiles.check_image(path)
+    if problem:
+        raise imagefiles.UnusableImage(problem)
+    return imagefiles.load_rgb({"path": path})
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -76,12 +76,12 @@ def predict(cfg: PredictConfig) -> list[Prediction]:
         for path, problem in chunk:
             if problem is None:
                 try:
-                    tensors.append(transform(load_rgb(path)))
+                    tensors.append(transform(load_image(path)))
                     readable.append(Prediction(path))
                     results.append(readable[-1])
                     continue
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    problem = f"not a readable image ({type(e).__name__}: {e})"
+                except imagefiles.UnusableImage as e:
+                    problem = str(e)
             results.append(Prediction(path, error=problem))
             _say_skipped(results[-1])
         if tensors:

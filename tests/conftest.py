@@ -93,5 +93,5 @@ def trained_run(tmp_path_factory) -> dict:
     data = make_dataset(root / "flowers")
     output_dir = root / "outputs"
     run_cli("python", "train.py", "--data", str(data), "--output-dir", str(output_dir), "--epochs", "1",
-            "--run-name", "tiny", "--seed", "3", *TINY_TRAIN, env=env)
+            "--run-name", "tiny", "--seed", "3", *TINY_TRAIN, env=env, timeout=1200)
     return {"output_dir": output_dir, "data": data, "ckpt": output_dir / "tiny" / "best"}
