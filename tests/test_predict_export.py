@@ -74,7 +74,7 @@ def test_export_round_trip_gives_the_same_top1_as_pytorch(trained_run, tmp_path,
         pytest.importorskip("onnxscript")
     from flowers.checkpoint import load_model
     from flowers.export import load_exported
-    from flowers.predict import load_rgb
+    from flowers.predict import load_image
     from flowers.transforms import eval_transform
 
     proc = run_cli("python", "-m", "flowers.export", "--ckpt", str(trained_run["ckpt"]), "--format", fmt,
@@ -87,7 +87,7 @@ def test_export_round_trip_gives_the_same_top1_as_pytorch(trained_run, tmp_path,
     model, _ = load_model(trained_run["ckpt"])
     transform = eval_transform(meta["image_size"], meta["normalization"]["mean"], meta["normalization"]["std"])
     photos = [sorted((trained_run["data"] / name).iterdir())[0] for name in CLASSES]
-    batch = torch.stack([transform(load_rgb(str(p))) for p in photos])
+    batch = torch.stack([transform(load_image(str(p))) for p in photos])
     with torch.inference_mode():
         expected = model.eval()(batch).numpy()
     got = load_exported(path)(batch.numpy())
