@@ -8,15 +8,18 @@ kill at any moment leaves either the previous complete checkpoint or the new one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from flowers.errors import UserError
 
@@ -32,31 +35,82 @@ def save_checkpoint(target: Path, state_dict: dict[str, torch.Tensor], meta: dic
 
     `move_in` maps sub-folder names to folders that are moved into the checkpoint before it
     appears (e.g. the resumable training state, written by every process beforehand).
+    A kill -9 at any moment leaves the previous complete checkpoint or the new one (tests kill
+    it at every line); a full disk raises one UserError and leaves the previous one in place.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        for name in (WEIGHTS_FILE, META_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        for name, folder in (move_in or {}).items():
-            os.rename(folder, tmp / name)
-        old = target.with_name(target.name + _OLD_SUFFIX)
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.rename(target, old)  # a kill between these two renames is repaired by _recover()
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _recover(target)  # finish a swap an earlier kill interrupted before touching anything
+        _remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            _write_synced(tmp / WEIGHTS_FILE, save(tensors))
+            _write_synced(tmp / META_FILE, json.dumps(meta, indent=2, default=str).encode())
+            for name, folder in (move_in or {}).items():
+                os.rename(folder, tmp / name)
+            _swap_into_place(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as e:
+        raise save_error(target, e) from None
     return target
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """target -> target.old, tmp -> target, drop target.old; _recover() repairs a kill in between."""
+    old = target.with_name(target.name + _OLD_SUFFIX)
+    if old.exists():  # target exists too (see _recover), so this is a leftover copy
+        shutil.rmtree(old)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)  # the renames survive a power cut, not only a killed process
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Half-written folders of saves that were killed (only the main process saves, so none is live)."""
+    for stale in target.parent.glob(_tmp_prefix(target) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_error(target: Path, e: Exception) -> UserError:
+    """One line for a failed save; the previous checkpoint at `target` is untouched by then."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _disk_is_full(target.parent):
+        return UserError(f"disk full while saving the checkpoint {target}: the previous one there (if any) is "
+                         "kept intact; free some space (or use another --output-dir) and resume")
+    reason = getattr(e, "strerror", None) or _first_line(e)
+    return UserError(f"cannot save the checkpoint {target} ({reason}); the previous one there (if any) is kept")
+
+
+def _disk_is_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def _umask() -> int:
@@ -69,7 +123,10 @@ def _recover(target: Path) -> None:
     """Finish an interrupted swap: if only `<name>.old` is left, it is the last complete save."""
     old = target.with_name(target.name + _OLD_SUFFIX)
     if not target.exists() and old.is_dir():
-        os.rename(old, target)
+        try:
+            os.rename(old, target)
+        except OSError:  # read-only location: leave it; the caller reports the missing checkpoint
+            pass
 
 
 def _run_dirs(output_dir: Path) -> list[Path]:
@@ -80,8 +137,11 @@ def resolve(ckpt: str, output_dir: str = "outputs") -> Path:
     """'best' / 'last' -> that checkpoint of the latest run under output_dir; else a path."""
     if ckpt not in ALIASES:
         path = Path(ckpt).expanduser()
-        if path.is_dir() and not (path / META_FILE).exists() and (path / "best" / META_FILE).exists():
-            path = path / "best"  # a run folder: use its best checkpoint
+        _recover(path)
+        if path.is_dir() and not (path / META_FILE).exists():
+            _recover(path / "best")
+            if (path / "best" / META_FILE).exists():
+                path = path / "best"  # a run folder: use its best checkpoint
         if not path.exists():
             raise UserError(f"--ckpt {ckpt}: no such checkpoint folder")
         return path
@@ -116,7 +176,15 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"checkpoint {path} is missing {WEIGHTS_FILE}")
-    return load_file(str(weights))
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights}: not a valid safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -131,3 +199,23 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise UserError(f"{path}/{META_FILE} lacks a valid {e}") from None
     load_model_weights(model, state, source=str(path))
     return model, meta
+
+
+def check_pickles_hold_only_data(folder: Path) -> None:
+    """Refuse a resumable training state whose pickles would run code when loaded.
+
+    Accelerate's load_state unpickles custom_checkpoint_*.pkl with weights_only=False, which runs
+    whatever code a crafted file carries; so every pickle there must first load as plain data.
+    """
+    from accelerate.utils.other import load as weights_only_load  # weights_only=True, numpy allowed
+
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in (".pkl", ".bin", ".pt", ".pth"):
+            continue
+        try:
+            weights_only_load(str(path), map_location="cpu")
+        except pickle.UnpicklingError:
+            raise UserError(f"{path}: refused: this pickle holds more than data (objects or code that would "
+                            "run on loading); resume only from training states you trust") from None
+        except Exception as e:
+            raise UserError(f"{path}: not a loadable training state ({type(e).__name__}: {_first_line(e)})") from None

@@ -101,6 +101,15 @@ class TrainConfig:
         check(self.save_every_steps >= 0, "--save-every-steps must be >= 0")
         check(not (self.resume and self.init_from),
               "--resume continues a run; --init-from starts a new one: give only one of them")
+        check(self.weights in ("imagenet", "none") or Path(self.weights).expanduser().exists(),
+              f"--weights {self.weights}: not imagenet or none, and no such file or folder")
+        check(self.optimizer != "sgd" or 0 < self.momentum < 1,
+              f"--momentum must be in (0, 1) for sgd (Nesterov momentum), got {self.momentum}")
+        check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}")
+        check(bool(self.wandb_project.strip()), "--wandb-project must not be empty")
+        check_output_dir(self.output_dir)
+        check(self.run_name is None or is_plain_name(self.run_name),
+              f"--run-name must be a plain folder name (no '/', not starting with '.'), got {self.run_name!r}")
 
 
 # `--recipe report`: the reference report's recipe (ResNet18, Adam, lr 1e-3, StepLR every 7 epochs
@@ -138,6 +147,19 @@ class EvalConfig:
         check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
         check(self.mistakes >= 0, f"--mistakes must be >= 0, got {self.mistakes}")
         check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
+        check(bool(self.ckpt), "--ckpt must be best, last or a path")
+        check_output_dir(self.output_dir)
+
+
+def is_plain_name(name: str) -> bool:
+    """A single path component that cannot climb out of its parent or hide from listings."""
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def check_output_dir(path: str) -> None:
+    check(bool(path), "--output-dir must not be empty")
+    check(not Path(path).expanduser().exists() or Path(path).expanduser().is_dir(),
+          f"--output-dir {path} exists and is not a folder")
 
 
 @dataclass
@@ -242,10 +264,14 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
         if typing.get_origin(hints[key]) is list:  # a list of strings, e.g. predict's inputs
             value = [str(v) for v in (value if isinstance(value, list) else [value])]
         elif value is not None and kind in (int, float, str) and not isinstance(value, bool):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
             try:
                 value = kind(value)
             except (TypeError, ValueError):
                 raise UserError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+        elif kind is bool and value is not None and not isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
         converted[key] = value
     return cls(**converted)
 

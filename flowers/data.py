@@ -109,7 +109,11 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False) ->
     names = _label_names(full)
     if len(names) < 2:
         raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
-    parts = full.train_test_split(test_size=val_split, stratify_by_column="label", seed=seed)
+    try:
+        parts = full.train_test_split(test_size=val_split, stratify_by_column="label", seed=seed)
+    except ValueError as e:  # too few images for this fraction, or a class with a single image
+        raise UserError(f"cannot hold out --val-split {val_split} of the {len(full)} images in {data}, "
+                        f"stratified by class ({e})") from None
     return Splits(parts["train"], parts["test"], names, str(root) if root.is_dir() else data, skipped)
 
 

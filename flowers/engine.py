@@ -13,6 +13,8 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from flowers.nonfinite import NonFiniteGuard
+
 LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
 
 
@@ -54,14 +56,15 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                     loss_fn: Callable, desc: str = "train", channels_last: bool = True,
                     on_step: Optional[Callable[[int], bool]] = None,
                     batch_transform: Optional[Callable] = None, totals: Optional[torch.Tensor] = None,
-                    start_step: int = 0) -> EpochStats:
+                    start_step: int = 0, guard: Optional[NonFiniteGuard] = None) -> EpochStats:
     """Train for one pass over `loader`; returns loss/accuracy summed over all processes.
 
     `on_step(step)` runs after every batch and stops the epoch early by returning True.
     `batch_transform(images, labels) -> (images, targets)` mixes batches (MixUp/CutMix; accuracy
     is still counted against the original labels). `totals` (float64 on the device: loss sum,
     correct, seen; updated in place) and `start_step` continue an epoch interrupted after
-    `start_step` batches.
+    `start_step` batches. `guard` (see nonfinite.py) stops on a NaN/Inf loss or skips the
+    updates it would poison.
     """
     model.train()
     device = accelerator.device
@@ -78,19 +81,24 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                 logits = model(images)
                 loss = loss_fn(logits, targets)
                 accelerator.backward(loss)
-                optimizer.step()
+                if guard is None or not guard.skip_update(model):
+                    optimizer.step()
                 if accelerator.sync_gradients and scheduler is not None:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                running[:2] += torch.stack([loss.detach().double() * labels.size(0),
+                running[:2] += torch.stack([loss.detach().double().nan_to_num(0, 0, 0) * labels.size(0),
                                             (logits.argmax(1) == labels).sum().double()])
                 running[2] += labels.size(0)  # a Python number, not a tensor copied to the device each step
             bar.update()
             if step % LOG_EVERY == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if guard is not None:
+                guard.observe(loss, step)
             if on_step is not None and on_step(step):
                 break
+    if guard is not None:
+        guard.check()  # before the caller evaluates or saves anything
     loss_sum, correct, seen = accelerator.reduce(running.clone(), reduction="sum").tolist()
     return EpochStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), samples=int(seen),
                       seconds=time.perf_counter() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Optional, Union
 
@@ -66,10 +67,18 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"--weights {path}: no such file (expected imagenet, none, or a path)")
     if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{p}: not a valid safetensors file ({e})") from None
     try:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        state = torch.load(str(p), map_location="cpu", weights_only=True)  # never runs code from the file
+    except pickle.UnpicklingError:
+        raise UserError(f"{p}: refused: this pickle holds more than tensors (objects or code that would run "
+                        "on loading); only plain weights are loaded (torch.load weights_only=True). Use a "
+                        ".safetensors file or a checkpoint folder") from None
     except Exception as e:
         raise UserError(f"{p}: not a loadable weights file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None

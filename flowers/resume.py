@@ -121,7 +121,12 @@ def save_last(accelerator: Accelerator, run_dir: Path, progress: Progress, total
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        error = checkpoint.save_error(run_dir / "last", e)  # looks at the free space: before the cleanup
+        shutil.rmtree(staging, ignore_errors=True)
+        raise error from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.save_checkpoint(run_dir / "last", weights(), meta, move_in={STATE_DIR: staging})
@@ -129,6 +134,7 @@ def save_last(accelerator: Accelerator, run_dir: Path, progress: Progress, total
 
 
 def load_last(accelerator: Accelerator, run_dir: Path, progress: Progress, totals: torch.Tensor) -> None:
+    checkpoint.check_pickles_hold_only_data(run_dir / "last" / STATE_DIR)
     accelerator.load_state(str(run_dir / "last" / STATE_DIR))
     # the saved partial sums are over all processes: the main process carries them
     totals.copy_(torch.tensor(progress.partial_totals if accelerator.is_main_process else [0.0] * 3,

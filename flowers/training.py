@@ -22,6 +22,7 @@ from flowers.datacheck import warn_about_data
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.metrics import compute_metrics
 from flowers.model import ARCH, build_model, initial_state
+from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
 from flowers.resume import (Progress, StopOnSignal, append_history, epoch_loader, find_run, load_init_weights,
@@ -150,10 +151,12 @@ def fit(cfg: TrainConfig) -> Path:
 
     loss_fn = make_loss(cfg)
     mix = make_batch_transform(cfg, len(splits.class_names))
+    guard = NonFiniteGuard(accelerator, cfg.on_nan, run_dir)
     with StopOnSignal() as stop:
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             loader = epoch_loader(train_loader, epoch - 1, progress.batches_done)
             last_batch = progress.batches_done + len(loader) - 1
+            guard.start_epoch(epoch, last_batch + 1)
 
             def on_step(step: int) -> bool:
                 """After each batch: count optimizer steps, update the EMA, save/stop when asked."""
@@ -166,6 +169,7 @@ def fit(cfg: TrainConfig) -> Path:
                     return False
                 stopping = stop.requested(accelerator)
                 if stopping or (cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0):
+                    guard.check()  # never save weights a NaN has reached
                     save_last()
                 return stopping
 
@@ -174,11 +178,13 @@ def fit(cfg: TrainConfig) -> Path:
             train = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn,
                                     desc=f"epoch {epoch}/{cfg.epochs}", channels_last=cfg.channels_last,
                                     on_step=on_step, batch_transform=mix, totals=totals,
-                                    start_step=progress.batches_done)
+                                    start_step=progress.batches_done, guard=guard)
             if progress.batches_done <= last_batch:  # on_step stopped the epoch early: a signal
                 _exit_interrupted(accelerator, stop.signum, run_dir, epoch, progress.batches_done, last_batch + 1)
             should_stop = _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper,
                                      train, progress.epoch_lr, epoch, meta, save_last)
+            if guard.epoch_summary():
+                accelerator.print(guard.epoch_summary())
             if stop.requested(accelerator) and not progress.finished:
                 _exit_interrupted(accelerator, stop.signum, run_dir, epoch, 0, 0)
             if should_stop:
@@ -198,6 +204,7 @@ def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progre
     """Validate (and the EMA), save best/ema/last, log; True when early stopping says stop."""
     num_classes = len(splits.class_names)
     out = evaluate(accelerator, model, val_loader, desc="validate", channels_last=cfg.channels_last)
+    check_validation_loss(out.loss, epoch, run_dir)
     val = {**compute_metrics(out.scores, out.labels, num_classes), "loss": out.loss}
     epoch_metrics = {
         "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
