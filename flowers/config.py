@@ -70,7 +70,9 @@ class TrainConfig:
                                      "--image-size (cached by `datasets`), so epochs skip full-size JPEG decoding")
     compile: bool = arg(False, "torch.compile the model (worth it on a GPU; costs ~40 s and gains nothing on CPU)")
     report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
-    wandb_project: str = arg("flowers", "W&B project name")
+    wandb_project: Optional[str] = arg(None, "W&B project; default: $WANDB_PROJECT, else flowers")
+    tags: Optional[str] = arg(None, "comma-separated tags for the tracked run, e.g. baseline,lr1e-3")
+    group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)")
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     on_nan: str = arg("stop", "a NaN/Inf training loss: stop the run (last good checkpoint kept) or skip that "
                       "batch's update (costs one host sync per step)", choices=["stop", "skip"])
@@ -106,10 +108,12 @@ class TrainConfig:
         check(self.optimizer != "sgd" or 0 < self.momentum < 1,
               f"--momentum must be in (0, 1) for sgd (Nesterov momentum), got {self.momentum}")
         check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}")
-        check(bool(self.wandb_project.strip()), "--wandb-project must not be empty")
+        check(self.wandb_project is None or bool(self.wandb_project.strip()), "--wandb-project must not be empty")
         check_output_dir(self.output_dir)
         check(self.run_name is None or is_plain_name(self.run_name),
               f"--run-name must be a plain folder name (no '/', not starting with '.'), got {self.run_name!r}")
+        for tag in (self.tags or "").split(","):
+            check(len(tag.strip()) <= 64, f"--tags: each tag must be at most 64 characters, got {tag.strip()!r}")
 
 
 # `--recipe report`: the reference report's recipe (ResNet18, Adam, lr 1e-3, StepLR every 7 epochs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -47,9 +48,14 @@ def _images(batch: dict, channels_last: bool) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def show_progress(accelerator: Accelerator) -> bool:
+    """Progress bars on one process, and only on a terminal: a log file gets the epoch lines alone."""
+    return accelerator.is_local_main_process and sys.stderr.isatty()
+
+
 def _bar(accelerator: Accelerator, total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not accelerator.is_local_main_process)
+                disable=not show_progress(accelerator))
 
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler,
@@ -112,7 +118,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "ev
     scores, labels, losses = [], [], []
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                      disable=not accelerator.is_local_main_process):
+                      disable=not show_progress(accelerator)):
         logits = model(_images(batch, channels_last)).float()
         per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
         logits, batch_labels, per_example = accelerator.gather_for_metrics(

@@ -73,7 +73,11 @@ def _warn_slow_precision(accelerator: Accelerator) -> None:
 
 def environment(accelerator: Accelerator, model: Optional[torch.nn.Module] = None) -> dict:
     """Where and how this run executes (recorded in checkpoints and tracker runs)."""
+    import importlib.metadata
+    import platform
+
     import accelerate
+    import datasets
     import torchvision
 
     from flowers import __version__
@@ -85,7 +89,9 @@ def environment(accelerator: Accelerator, model: Optional[torch.nn.Module] = Non
         "mixed_precision": accelerator.mixed_precision,
         "torch_threads": torch.get_num_threads(),
         "versions": {"flowers": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "accelerate": accelerate.__version__},
+                     "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__, "wandb": importlib.metadata.version("wandb"),
+                     "python": platform.python_version()},
     }
     if accelerator.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(accelerator.device)

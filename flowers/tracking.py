@@ -1,19 +1,40 @@
-"""Experiment tracking through Accelerate's trackers (W&B, TensorBoard)."""
+"""Experiment tracking through Accelerate's trackers (W&B, TensorBoard), plus summary.csv.
+
+Only the main process creates a run. What a run holds is listed in README ("Experiment
+tracking"): the resolved config, the dataset and the environment at the start; per-epoch
+metrics; at the end the best epoch, the confusion matrix, sample predictions and the best
+checkpoint as a model artifact. summary.csv (one row per epoch) is written whatever the tracker.
+"""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import json
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
+import yaml
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
+
+from flowers.errors import UserError
 
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"], "none": []}
+TRACKING_FILE = "tracking.json"   # in the run folder: the W&B run id, so a resume continues that run
+SUMMARY_FILE = "summary.csv"
+SAMPLE_PREDICTIONS = 32           # rows of the validation-predictions table
+THUMBNAIL_PX = 128
 
 
 def tracker_names(report_to: str) -> list[str]:
-    return TRACKERS[report_to]
+    names = TRACKERS[report_to]
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"--report-to {report_to} needs the tensorboard package: pip install tensorboard")
+    return names
 
 
 def wandb_key_configured() -> bool:
@@ -30,20 +51,219 @@ def wandb_key_configured() -> bool:
 def prepare_wandb_mode(report_to: str) -> bool:
     """With no API key and WANDB_MODE unset, run offline instead of failing or prompting.
 
-    Returns True when it switched to offline mode (the caller says so once, on the main process).
+    Call on every process before the Accelerator exists. Returns True when it switched to
+    offline mode (start() then prints one line with the `wandb sync` command).
     """
-    if "wandb" not in tracker_names(report_to) or os.environ.get("WANDB_MODE") or wandb_key_configured():
+    if "wandb" not in TRACKERS[report_to] or os.environ.get("WANDB_MODE") or wandb_key_configured():
         return False
     os.environ["WANDB_MODE"] = "offline"
     return True
 
 
-def start(accelerator: Accelerator, report_to: str, project: str, run_name: str, run_dir: Path,
-          config: dict[str, Any]) -> None:
+def project_name(configured: Optional[str]) -> str:
+    return configured or os.environ.get("WANDB_PROJECT") or "flowers"
+
+
+def stored_run_id(run_dir: Path) -> Optional[str]:
+    """The W&B run id a previous launch saved in `run_dir/tracking.json` (None if it had no W&B run)."""
+    path = Path(run_dir) / TRACKING_FILE
+    try:
+        return json.loads(path.read_text()).get("wandb_run_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---- what a run holds at the start -------------------------------------------------------
+
+def run_info(config: dict[str, Any], source: str, class_names: list[str], train_size: int, val_size: int,
+             env: dict[str, Any]) -> dict[str, Any]:
+    """The run's config as trackers store it: every flag (resolved), the dataset and the environment
+    (runtime.environment(): versions, device, number of processes, mixed precision)."""
+    dataset = {"source": source, "class_names": list(class_names), "num_classes": len(class_names),
+               "train_size": train_size, "val_size": val_size}
+    # plain JSON types (torch.__version__ is a str subclass that YAML and some trackers reject)
+    return json.loads(json.dumps({**config, "dataset": dataset, "env": env}, default=str))
+
+
+# ---- start -------------------------------------------------------------------------------
+
+def wandb_init_kwargs(run_name: str, run_dir: Path, info: dict[str, Any], tags: Optional[str], group: Optional[str],
+                      name_given: bool, resume_run_id: Optional[str]) -> dict[str, Any]:
+    """Keyword arguments for wandb.init. Flags win over WANDB_* variables, which win over our defaults."""
+    import wandb
+
+    kwargs: dict[str, Any] = {
+        "dir": os.environ.get("WANDB_DIR") or str(run_dir),
+        "config": info,
+        "settings": wandb_settings(),
+    }
+    if name_given or not os.environ.get("WANDB_NAME"):
+        kwargs["name"] = run_name
+    if tags:
+        kwargs["tags"] = split_tags(tags)
+    if group:
+        kwargs["group"] = group
+    if resume_run_id:
+        kwargs.update(id=resume_run_id, resume="allow")
+    return kwargs
+
+
+def wandb_settings():
+    """No banners in the training log; offline, nothing at all: start() prints the one line that
+    matters. The console is still captured into the run's Logs tab."""
+    import wandb
+
+    return wandb.Settings(quiet=True, silent=offline_mode())
+
+
+def offline_mode() -> bool:
+    return os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+
+
+def split_tags(tags: str) -> list[str]:
+    return [t.strip() for t in tags.split(",") if t.strip()]
+
+
+def start(accelerator: Accelerator, report_to: str, project: Optional[str], run_name: str, run_dir: Path,
+          info: dict[str, Any], *, tags: Optional[str] = None, group: Optional[str] = None,
+          name_given: bool = True, switched_offline: bool = False,
+          resume_run_id: Optional[str] = None) -> None:
+    """Create the run (main process only) for each tracker of `report_to`.
+
+    resume_run_id: continue that W&B run instead of creating a new one (see stored_run_id()).
+    """
     names = tracker_names(report_to)
     if not names:
         return
     init_kwargs: dict[str, Any] = {}
     if "wandb" in names:
-        init_kwargs["wandb"] = {"name": run_name, "dir": os.environ.get("WANDB_DIR", str(run_dir))}
-    accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+        if accelerator.is_main_process:
+            import wandb
+            wandb.setup(settings=wandb_settings())  # also quiets messages outside the run (artifacts)
+        init_kwargs["wandb"] = wandb_init_kwargs(run_name, run_dir, info, tags, group, name_given, resume_run_id)
+    # Accelerate would put TensorBoard logs under <project_dir>/<project>; keep them in the run folder.
+    accelerator.log_with = [TensorBoardTracker("tensorboard", str(run_dir)) if str(t) == "tensorboard" else t
+                            for t in accelerator.log_with]
+    accelerator.init_trackers(project_name(project), init_kwargs=init_kwargs)
+    if not accelerator.is_main_process:
+        return
+    if "tensorboard" in names:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_text("config", "```\n" + yaml.safe_dump(info, sort_keys=False) + "```")
+        writer.flush()
+    if "wandb" in names:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        (Path(run_dir) / TRACKING_FILE).write_text(json.dumps(
+            {"wandb_run_id": run.id, "wandb_project": run.project, "wandb_dir": run.settings.sync_dir}, indent=2))
+        if offline_mode():
+            reason = "no API key configured, so this run is logged offline" if switched_offline else "offline run"
+            print(f"W&B: {reason}; upload it later with: wandb sync {run.settings.sync_dir}", flush=True)
+
+
+# ---- per epoch ---------------------------------------------------------------------------
+
+def log_epoch(accelerator: Accelerator, run_dir: Path, epoch: int, metrics: dict[str, float]) -> None:
+    """One epoch's scalars to every tracker (step = epoch) and a row of summary.csv."""
+    row = {"epoch": epoch, **metrics}
+    accelerator.log(row, step=epoch)
+    if accelerator.is_main_process:
+        write_summary_row(Path(run_dir) / SUMMARY_FILE, row)
+
+
+def write_summary_row(path: Path, row: dict[str, Any]) -> None:
+    """Append `row`; rows of this epoch or later (left by an interrupted run) are replaced."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < int(row["epoch"])]
+    rows.append(row)
+    columns = list(row) + [c for c in rows[0] if c not in row]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+# ---- the end -----------------------------------------------------------------------------
+
+def finish(accelerator: Accelerator, run_dir: Path, class_names: list[str], val_dataset, scores: np.ndarray,
+           labels: np.ndarray, predictions_epoch: int, last_epoch: int) -> None:
+    """Best epoch in the summary, confusion matrix, sample predictions, best checkpoint; close the run.
+
+    scores/labels: validation outputs of `predictions_epoch` (the best epoch when it ran in this
+    launch), in validation-set order.
+    """
+    from flowers.checkpoint import load_meta
+
+    if accelerator.is_main_process and accelerator.trackers:
+        best_dir = Path(run_dir) / "best"
+        best = load_meta(best_dir)
+        best_summary = {"best_val_accuracy": best["metrics"]["val_accuracy"], "best_epoch": best["epoch"]}
+        predicted = scores.argmax(axis=1)
+        for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                _finish_wandb(tracker.tracker, best_dir, best, best_summary, class_names, val_dataset, scores,
+                              labels, predicted, predictions_epoch, last_epoch)
+            elif tracker.name == "tensorboard":
+                _finish_tensorboard(tracker.tracker, best_summary, class_names, labels, predicted,
+                                    predictions_epoch)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _finish_tensorboard(writer, best_summary: dict[str, Any], class_names: list[str], labels: np.ndarray,
+                        predicted: np.ndarray, epoch: int) -> None:
+    from flowers.visuals import confusion_matrix, confusion_matrix_image
+
+    writer.add_scalar("best_val_accuracy", best_summary["best_val_accuracy"], global_step=best_summary["best_epoch"])
+    image = confusion_matrix_image(confusion_matrix(labels, predicted, len(class_names)), class_names,
+                                   title=f"validation, epoch {epoch}")
+    writer.add_image("confusion_matrix", np.asarray(image), global_step=epoch, dataformats="HWC")
+    writer.flush()
+
+
+def _finish_wandb(run, best_dir: Path, best: dict[str, Any], best_summary: dict[str, Any], class_names: list[str],
+                  val_dataset, scores: np.ndarray, labels: np.ndarray, predicted: np.ndarray, epoch: int,
+                  last_epoch: int) -> None:
+    import wandb
+
+    run.summary.update(best_summary)
+    logged = {"confusion_matrix": wandb.plot.confusion_matrix(
+        y_true=labels.tolist(), preds=predicted.tolist(), class_names=class_names,
+        title=f"Validation confusion matrix (epoch {epoch})")}
+    if np.array_equal(labels, np.asarray(val_dataset["label"])):
+        logged["val_predictions"] = _predictions_table(val_dataset, class_names, scores, labels, predicted)
+    else:  # the outputs are not in dataset order, so images would get the wrong predictions
+        print("warning: validation outputs are not in dataset order; no predictions table logged")
+    run.log(logged, step=last_epoch)
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={
+        "epoch": best["epoch"], "val_accuracy": best["metrics"]["val_accuracy"],
+        "class_names": best["class_names"], "arch": best["arch"], "image_size": best["image_size"]})
+    artifact.add_dir(str(best_dir))
+    run.log_artifact(artifact, aliases=["best", f"epoch-{best['epoch']}"])
+
+
+def _predictions_table(val_dataset, class_names: list[str], scores: np.ndarray, labels: np.ndarray,
+                       predicted: np.ndarray):
+    """Evenly spaced validation images with label, prediction and confidence."""
+    import wandb
+    from datasets import Image
+
+    from flowers.imagefiles import UnusableImage, load_rgb
+
+    files = val_dataset.cast_column("image", Image(decode=False))
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    count = min(SAMPLE_PREDICTIONS, len(labels))
+    table = wandb.Table(columns=["index", "image", "label", "prediction", "confidence", "correct"])
+    for index in np.linspace(0, len(labels) - 1, count).round().astype(int).tolist():
+        try:
+            image = load_rgb(files[index]["image"])
+        except UnusableImage:
+            continue
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        table.add_data(index, wandb.Image(image), class_names[labels[index]], class_names[predicted[index]],
+                       round(float(probabilities[index, predicted[index]]), 4), bool(predicted[index] == labels[index]))
+    return table

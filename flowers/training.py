@@ -81,7 +81,7 @@ def fit(cfg: TrainConfig) -> Path:
         cfg = dataclasses.replace(cfg, init_from=str(init_path))
     switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
     accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
-                                   compile=cfg.compile)
+                                   project_dir=cfg.output_dir, compile=cfg.compile)
     set_seed(cfg.seed)
     # before the data: a missing download fails at once. Resuming restores the weights from last/,
     # and --init-from loads its own, so then the initial ones are not needed.
@@ -136,10 +136,12 @@ def fit(cfg: TrainConfig) -> Path:
                               f"(train further with --init-from {run_dir / 'last'})")
             return run_dir
 
-    if switched_offline:
-        accelerator.print("W&B: no API key configured, logging offline; upload later with "
-                          f"`wandb sync {run_dir}/wandb/offline-run-*`")
-    tracking.start(accelerator, cfg.report_to, cfg.wandb_project, run_name, run_dir, to_dict(cfg))
+    resolved = {**to_dict(cfg), "data": splits.source, "run_name": run_name}
+    info = tracking.run_info(resolved, splits.source, splits.class_names, len(splits.train), len(splits.val), env)
+    tracking.start(accelerator, cfg.report_to, cfg.wandb_project, run_name, run_dir, info, tags=cfg.tags,
+                   group=cfg.group, name_given=cfg.run_name is not None, switched_offline=switched_offline,
+                   resume_run_id=tracking.stored_run_id(run_dir) if resume_dir else None)
+    predictions: dict[str, Any] = {}  # validation outputs of the best (and the last) epoch, for tracking
 
     def meta(metrics: dict) -> dict:
         return {**checkpoint_meta(cfg, splits, run_name, progress.epoch, progress.global_step, metrics, env),
@@ -182,7 +184,7 @@ def fit(cfg: TrainConfig) -> Path:
             if progress.batches_done <= last_batch:  # on_step stopped the epoch early: a signal
                 _exit_interrupted(accelerator, stop.signum, run_dir, epoch, progress.batches_done, last_batch + 1)
             should_stop = _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper,
-                                     train, progress.epoch_lr, epoch, meta, save_last)
+                                     train, progress.epoch_lr, epoch, meta, save_last, predictions)
             if guard.epoch_summary():
                 accelerator.print(guard.epoch_summary())
             if stop.requested(accelerator) and not progress.finished:
@@ -190,8 +192,10 @@ def fit(cfg: TrainConfig) -> Path:
             if should_stop:
                 accelerator.print(f"early stopping: no better val_acc for {cfg.early_stopping_patience} epochs")
                 break
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # the best epoch's predictions; the last epoch's when the best one ran before a resume
+    shown_epoch, shown = predictions.get("best") or predictions["last"]
+    tracking.finish(accelerator, run_dir, splits.class_names, splits.val, shown.scores, shown.labels,
+                    shown_epoch, progress.epoch)
     accelerator.print(f"best val_acc {progress.best_accuracy:.2%}; checkpoints in {run_dir}/ "
                       f"(evaluate: python eval.py --ckpt best --output-dir {cfg.output_dir})")
     if splits.skipped:
@@ -200,7 +204,7 @@ def fit(cfg: TrainConfig) -> Path:
 
 
 def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper, train, lr, epoch,
-               meta, save_last) -> bool:
+               meta, save_last, predictions) -> bool:
     """Validate (and the EMA), save best/ema/last, log; True when early stopping says stop."""
     num_classes = len(splits.class_names)
     out = evaluate(accelerator, model, val_loader, desc="validate", channels_last=cfg.channels_last)
@@ -220,6 +224,7 @@ def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progre
         ema_is_best = ema_val["accuracy"] > progress.best_ema_accuracy
         progress.best_ema_accuracy = max(progress.best_ema_accuracy, ema_val["accuracy"])
     is_best = val["accuracy"] > progress.best_accuracy
+    predictions.update(last=(epoch, out), **({"best": (epoch, out)} if is_best else {}))
     progress.best_accuracy = max(progress.best_accuracy, val["accuracy"])
     should_stop = stopper.step(val["accuracy"])
     progress.epoch, progress.batches_done = epoch, 0
@@ -235,7 +240,7 @@ def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progre
                                        meta(progress.last_metrics))
         if ema_is_best:
             checkpoint.save_checkpoint(run_dir / "ema", ema.state_dict(), meta(progress.last_metrics))
-    accelerator.log({**epoch_metrics, "epoch": epoch}, step=epoch)
+    tracking.log_epoch(accelerator, run_dir, epoch, epoch_metrics)
     line = _summary_line(epoch, cfg.epochs, train, val, lr, epoch_metrics["epoch_time_s"], is_best)
     if ema is not None:
         line += f"  ema_val_acc {epoch_metrics['ema_val_accuracy']:.2%}"

@@ -24,6 +24,7 @@ def hermetic_env(tmp_path_factory, monkeypatch):
     env = {
         "HF_HOME": root / "hf", "TORCH_HOME": root / "torch", "WANDB_DIR": root / "wandb",
         "WANDB_CACHE_DIR": root / "wandb-cache", "WANDB_CONFIG_DIR": root / "wandb-config",
+        "WANDB_DATA_DIR": root / "wandb-data",
         "MPLCONFIGDIR": root / "mpl",
     }
     for key, value in env.items():
