@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -166,21 +167,29 @@ def test_two_process_launch_creates_exactly_one_run_and_never_writes_the_key(tmp
     assert not [p for p in written if secret.encode() in p.read_bytes()]
 
 
-def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
-    import wandb
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    env = _env(tmp_path, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    data = make_dataset(tmp_path / "flowers", per_class=5)
+    out = tmp_path / "out"
+    train = [sys.executable, "train.py", "--data", str(data), "--output-dir", str(out), *TRAIN, "--epochs", "2",
+             "--report-to", "wandb"]
+    proc = subprocess.Popen([*train, "--run-name", "cut"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2  train_loss"):
+            proc.send_signal(signal.SIGTERM)  # lands in epoch 2: saves last/ and exits
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=900) == 128 + signal.SIGTERM
+    run_cli(*train, "--resume", env=env, timeout=900)
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    ids = []
-    for resume_id in (None, "stored"):
-        resume_id = resume_id and tracking.stored_run_id(tmp_path)
-        kwargs = tracking.wandb_init_kwargs("r", tmp_path, {"lr": 0.1}, None, None, True, resume_id)
-        run = wandb.init(project="flowers", **kwargs)
-        (tmp_path / tracking.TRACKING_FILE).write_text(json.dumps({"wandb_run_id": run.id}))
-        ids.append(run.id)
-        run.finish()
-    assert ids[0] == ids[1]
-    assert {read_run(d).run.run_id for d in (tmp_path / "wandb").glob("offline-run-*")} == {ids[0]}
+    first, second = (read_run(d) for d in _offline_runs(env))
+    assert first.run.run_id == second.run.run_id == tracking.stored_run_id(out / "cut")
+    assert [row["epoch"] for row in first.history if "train_loss" in row] == [1]
+    assert [row["epoch"] for row in second.history if "train_loss" in row] == [2]
+    assert second.summary["best_epoch"] in (1, 2)
+    with open(out / "cut" / "summary.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
 
 
 def test_summary_csv_replaces_rows_left_by_an_interrupted_run(tmp_path):
