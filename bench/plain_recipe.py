@@ -37,8 +37,8 @@ def build_loader(data: str, image_size: int, batch_size: int, workers: int) -> D
     return DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
 
 
-def train_one_epoch(data: str, image_size: int, batch_size: int, workers: int) -> dict:
-    """One epoch; images/s counted from the end of the first step (worker start-up excluded)."""
+def train_one_epoch(data: str, image_size: int, batch_size: int, workers: int, max_steps: int = 0) -> dict:
+    """One epoch (or `max_steps`); images/s counted from the end of the first step (worker start-up excluded)."""
     start = time.perf_counter()
     loader = build_loader(data, image_size, batch_size, workers)
     model = resnet18(num_classes=len(loader.dataset.dataset.classes))
@@ -62,6 +62,8 @@ def train_one_epoch(data: str, image_size: int, batch_size: int, workers: int) -
             first_step_end = time.perf_counter()
         else:
             images_after_first += inputs.size(0)
+        if max_steps and seen >= max_steps * batch_size:
+            break
     scheduler.step()
     seconds = time.perf_counter() - first_step_end
     return {"train_images_per_s": images_after_first / seconds, "first_step_s": first_step_end - start,
@@ -74,8 +76,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop the epoch after this many steps")
     args = parser.parse_args()
-    print(json.dumps(train_one_epoch(args.data, args.image_size, args.batch_size, args.workers)))
+    print(json.dumps(train_one_epoch(args.data, args.image_size, args.batch_size, args.workers, args.max_steps)))
 
 
 if __name__ == "__main__":

@@ -121,9 +121,9 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_plain(data: str, image_size: int, batch_size: int) -> dict:
+def run_plain(data: str, image_size: int, batch_size: int, steps: int) -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "plain_recipe.py"), "--data", data,
-           "--image-size", str(image_size), "--batch-size", str(batch_size)]
+           "--image-size", str(image_size), "--batch-size", str(batch_size), "--max-steps", str(steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -188,6 +188,7 @@ def main() -> None:
                             channels_last=cfg.channels_last, on_step=clock)
     results["startup_to_first_step_s"] = clock.first_step_since_start
     results["train_end_to_end"] = images_per_s(clock, time.perf_counter(), stats.samples)
+    results["train_steps"] = clock.steps_after_first + 1
     results["load_after_train_end_to_end"] = load()
 
     # (a) model-only training: random batches already in memory (on the device).
@@ -217,7 +218,7 @@ def main() -> None:
     del train_loader, val_loader  # stop our workers before the plain script runs
 
     if args.plain and accelerator.is_main_process:
-        results["plain"] = run_plain(data, cfg.image_size, cfg.batch_size)
+        results["plain"] = run_plain(data, cfg.image_size, cfg.batch_size, results["train_steps"])
         results["load_after_plain"] = load()
     if accelerator.is_main_process:
         report(args, cfg, results)
