@@ -66,7 +66,8 @@ def train_one_epoch(data: str, image_size: int, batch_size: int, workers: int, m
             break
     scheduler.step()
     seconds = time.perf_counter() - first_step_end
-    return {"train_images_per_s": images_after_first / seconds, "first_step_s": first_step_end - start,
+    return {"train_images_per_s": images_after_first / seconds, "images_after_first": images_after_first,
+            "seconds_after_first": seconds, "first_step_s": first_step_end - start,
             "loss": running_loss / seen, "accuracy": running_corrects / seen, "images": seen}
 
 

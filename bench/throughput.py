@@ -9,16 +9,20 @@
     on random tensors already in memory; the ratio b/a is the share of model speed we keep;
 (c) evaluation the same two ways (flowers.engine.evaluate);
 plus the time from command start to the first training step, peak memory, and the plain PyTorch
-recipe (bench/plain_recipe.py) measured in the same run. Images/s count from the end of the first
-step (worker start-up is in the start-up time instead). Not a test: it prints numbers.
+recipe (bench/plain_recipe.py) for as many steps as (b). The first step is start-up, not speed.
+The measurements alternate in rounds (b, a, plain; then c, eval model-only): on a shared machine
+whose speed drifts by +-20% from minute to minute, that slows each of them alike.
+Not a test: it prints numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -38,11 +42,17 @@ def seconds_since_command_start() -> float:
 
 
 class PeakMemory:
-    """Samples this process and its children (DataLoader workers) in a background thread."""
+    """Peak resident memory of this process and of it plus its children (DataLoader workers).
+
+    A background thread sums the children's RSS every 0.5 s: that is cheap (/proc/PID/statm),
+    while PSS (/proc/PID/smaps, ~40 ms per process) would steal CPU from the measured loop, so
+    PSS is only read by `snapshot_pss()` between the measurements. Workers share most of their
+    pages with the main process, so the RSS sum over-counts and PSS is the fair total.
+    """
 
     def __init__(self, interval_s: float = 0.5):
         self.interval_s = interval_s
-        self.main_rss = self.tree_rss = self.tree_pss = 0
+        self.tree_rss = self.tree_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -54,18 +64,25 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def main_rss(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's exact peak
+
+    def _each(self, read) -> int:
+        me, total = psutil.Process(), 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += read(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def snapshot_pss(self) -> None:
+        self.tree_pss = max(self.tree_pss, self._each(lambda p: getattr(p.memory_full_info(), "pss", 0)))
+
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
-            rss = pss = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-            self.main_rss = max(self.main_rss, me.memory_info().rss)
-            self.tree_rss, self.tree_pss = max(self.tree_rss, rss), max(self.tree_pss, pss)
+            self.tree_rss = max(self.tree_rss, self._each(lambda p: p.memory_info().rss))
             self._stop.wait(self.interval_s)
 
 
@@ -78,34 +95,65 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-resized", action="store_true", help="as train.py --cache-resized")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="as train.py --compile")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="end-to-end training steps measured (default: one epoch)")
     parser.add_argument("--model-steps", type=int, default=30, help="model-only training steps measured")
-    parser.add_argument("--train-images", type=int, default=None, help="use only this many training images")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleave the measurements in this many rounds, so a machine whose speed drifts "
+                             "(a shared VM) slows each of them alike")
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip bench/plain_recipe.py")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     return parser.parse_args()
 
 
-class StepClock:
-    """on_step callback for train_one_epoch: when the first step ended, how many images since."""
+class FirstStep:
+    """on_step callback for train_one_epoch: when the first step ended, counted from command start."""
 
-    def __init__(self, sync, batch_size: int):
-        self.sync, self.batch_size = sync, batch_size
-        self.first_step_end = None
-        self.steps_after_first = 0
+    def __init__(self, sync):
+        self.sync, self.since_start, self.end = sync, None, None
 
     def __call__(self, step: int) -> None:
-        if self.first_step_end is None:
+        if self.end is None:
             self.sync()
-            self.first_step_end = time.perf_counter()
-            self.first_step_since_start = seconds_since_command_start()
-        else:
-            self.steps_after_first += 1
+            self.end = time.perf_counter()
+            self.since_start = seconds_since_command_start()
 
 
-def images_per_s(clock: StepClock, end: float, total_images: int) -> float:
-    """Images after the first step over the time after it (the last batch may be partial)."""
-    images_after_first = total_images - clock.batch_size
-    return images_after_first / (end - clock.first_step_end)
+class Take:
+    """The next `n` batches of an endless batch iterator, as the sized loader train_one_epoch wants."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.n)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+class Rate:
+    """Images and seconds summed over the rounds of one measurement."""
+
+    def __init__(self):
+        self.images, self.seconds, self.per_round = 0, 0.0, []
+
+    def add(self, images: int, seconds: float) -> None:
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        self.per_round.append(images / seconds)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def machine() -> str:
@@ -138,14 +186,13 @@ def main() -> None:
 
     from flowers import training  # noqa: F401  (everything train.py imports, so start-up compares)
     from flowers.config import TrainConfig
-    from flowers.data import (SeededAugmentation, default_workers, load_splits, make_loader, resized_splits,
-                              resolve_data, with_transform)
+    from flowers.data import build_loaders, load_splits, resized_splits, resolve_data
     from flowers.engine import evaluate, train_one_epoch
     from flowers.model import build_model
     from flowers.optim import build_optimizer, build_scheduler
     from flowers.recipe import parameter_groups
     from flowers.runtime import make_accelerator
-    from flowers.transforms import eval_size, eval_transform, train_transform
+    from flowers.transforms import eval_size
     results["imports_s"] = seconds_since_command_start()
 
     cfg = TrainConfig(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
@@ -164,88 +211,101 @@ def main() -> None:
         started = time.perf_counter()
         splits = resized_splits(splits, eval_size(cfg.image_size))
         results["cache_resized_s"] = time.perf_counter() - started
-    if args.train_images:
-        splits.train = splits.train.select(range(min(args.train_images, len(splits.train))))
     model = build_model(len(splits.class_names), cfg.weights, dropout=cfg.dropout)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, on_gpu)
-    train_loader = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
-                               cfg.batch_size, shuffle=True, workers=workers, pin_memory=on_gpu, seed=cfg.seed,
-                               persistent=False, drop_last=len(splits.train) > cfg.batch_size * accelerator.num_processes)
-    val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
-                             shuffle=False, workers=workers, pin_memory=on_gpu, seed=cfg.seed)
+    train_loader, val_loader, workers = build_loaders(cfg, splits, accelerator.num_processes, on_gpu)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     loss_fn = nn.CrossEntropyLoss()
     results.update(device=str(accelerator.device), precision=accelerator.mixed_precision, workers=workers,
                    threads=torch.get_num_threads(), train_images=len(splits.train), val_images=len(splits.val))
 
-    # (b) end-to-end training, one epoch; its first step also ends the start-up time.
-    clock = StepClock(sync, cfg.batch_size)
-    stats = train_one_epoch(accelerator, model, train_loader, optimizer, scheduler, loss_fn,
-                            channels_last=cfg.channels_last, on_step=clock)
-    results["startup_to_first_step_s"] = clock.first_step_since_start
-    results["train_end_to_end"] = images_per_s(clock, time.perf_counter(), stats.samples)
-    results["train_steps"] = clock.steps_after_first + 1
-    results["load_after_train_end_to_end"] = load()
+    def timed(fn) -> float:
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - started
 
-    # (a) model-only training: random batches already in memory (on the device).
+    # The first end-to-end step ends the start-up time; it is not counted in (b).
+    first = FirstStep(sync)
+    batches = endless(train_loader)
+    train_one_epoch(accelerator, model, Take(batches, 1), optimizer, scheduler, loss_fn,
+                    channels_last=cfg.channels_last, on_step=first)
+    results["startup_to_first_step_s"] = first.since_start
+    memory.snapshot_pss()  # with the workers running
+
+    # (a) model-only: the same loop on a batch of random tensors already in memory (on the device).
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     batch = {"pixel_values": torch.randn(shape, device=accelerator.device),
              "labels": torch.randint(0, len(splits.class_names), (cfg.batch_size,), device=accelerator.device)}
     if cfg.channels_last:
         batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
-    clock = StepClock(sync, cfg.batch_size)
-    steps = args.model_steps + 1
-    train_one_epoch(accelerator, model, [batch] * steps, optimizer, scheduler, loss_fn,
-                    channels_last=cfg.channels_last, on_step=clock)
-    results["train_model_only"] = images_per_s(clock, time.perf_counter(), steps * cfg.batch_size)
 
-    # (c) evaluation: end-to-end over the validation split (a first pass starts the workers), model-only.
-    evaluate(accelerator, model, val_loader, channels_last=cfg.channels_last)
-    out = evaluate(accelerator, model, val_loader, channels_last=cfg.channels_last)
-    results["eval_end_to_end"] = len(out.labels) / out.seconds
-    eval_batches = [batch] * max(2, len(val_loader))
-    evaluate(accelerator, model, eval_batches[:2], channels_last=cfg.channels_last)
-    out = evaluate(accelerator, model, eval_batches, channels_last=cfg.channels_last)
-    results["eval_model_only"] = len(out.labels) / out.seconds
+    # Rounds of (b) end-to-end, (a) model-only, then the plain recipe for as many steps as (b).
+    e2e_steps = args.train_steps or len(train_loader) - 1
+    args.rounds = max(1, min(args.rounds, e2e_steps, args.model_steps))
+    train_b, train_a, plain = Rate(), Rate(), Rate()
+    for steps_b, steps_a in zip(split(e2e_steps, args.rounds), split(args.model_steps, args.rounds)):
+        seconds = timed(lambda: train_one_epoch(accelerator, model, Take(batches, steps_b), optimizer, scheduler,
+                                                loss_fn, channels_last=cfg.channels_last))
+        train_b.add(steps_b * cfg.batch_size, seconds)
+        seconds = timed(lambda: train_one_epoch(accelerator, model, [batch] * steps_a, optimizer, scheduler,
+                                                loss_fn, channels_last=cfg.channels_last))
+        train_a.add(steps_a * cfg.batch_size, seconds)
+        if args.plain and accelerator.is_main_process:
+            out = run_plain(data, cfg.image_size, cfg.batch_size, steps_b + 1)  # its first step is not counted
+            plain.add(out["images_after_first"], out["seconds_after_first"])
+    results.update(train_end_to_end=train_b.images_per_s, train_model_only=train_a.images_per_s,
+                   train_steps=e2e_steps, train_rounds_b_over_a=[b / a for b, a in zip(train_b.per_round, train_a.per_round)])
+    if plain.per_round:
+        results.update(plain=plain.images_per_s, plain_rounds=plain.per_round)
+
+    # (c) evaluation: rounds of a pass over the validation split and as many in-memory batches.
+    eval_batches = [batch] * len(val_loader)
+    evaluate(accelerator, model, val_loader, channels_last=cfg.channels_last)  # warm-up
+    eval_c, eval_model = Rate(), Rate()
+    for _ in range(args.rounds):
+        out = evaluate(accelerator, model, val_loader, channels_last=cfg.channels_last)
+        eval_c.add(len(out.labels), out.seconds)
+        out = evaluate(accelerator, model, eval_batches, channels_last=cfg.channels_last)
+        eval_model.add(len(out.labels), out.seconds)
+    results.update(eval_end_to_end=eval_c.images_per_s, eval_model_only=eval_model.images_per_s)
+    memory.snapshot_pss()  # training and validation workers
     results["load_after_ours"] = load()
     memory.stop()
     results.update(peak_main_rss_gib=memory.main_rss / GiB, peak_tree_rss_gib=memory.tree_rss / GiB,
                    peak_tree_pss_gib=memory.tree_pss / GiB)
-    del train_loader, val_loader  # stop our workers before the plain script runs
 
-    if args.plain and accelerator.is_main_process:
-        results["plain"] = run_plain(data, cfg.image_size, cfg.batch_size, results["train_steps"])
-        results["load_after_plain"] = load()
     if accelerator.is_main_process:
         report(args, cfg, results)
 
 
 def report(args: argparse.Namespace, cfg, results: dict) -> None:
     r = results
+    rounds = lambda values: " ".join(f"{v:.2f}" for v in values)  # noqa: E731
     print(f"machine: {machine()}; device {r['device']}, precision {r['precision']}, "
           f"{r['threads']} compute threads, {r['workers']} DataLoader workers")
     print(f"config: --image-size {cfg.image_size} --batch-size {cfg.batch_size}"
           f"{' --cache-resized' if cfg.cache_resized else ''}{'' if cfg.channels_last else ' --no-channels-last'}"
-          f"{' --compile' if cfg.compile else ''}; {r['train_images']} train / {r['val_images']} val images")
-    print(f"load average (1/5/15 min): start {r['load_at_start']}, after ours {r['load_after_ours']}"
-          + (f", after plain {r['load_after_plain']}" if "load_after_plain" in r else ""))
+          f"{' --compile' if cfg.compile else ''}; {r['train_images']} train / {r['val_images']} val images; "
+          f"{r['train_steps']} end-to-end steps in {args.rounds} rounds")
+    print(f"load average (1/5/15 min): start {r['load_at_start']}, end {r['load_after_ours']}")
     cache = f", cache-resized {r['cache_resized_s']:.1f} s" if "cache_resized_s" in r else ""
     print(f"startup to first training step: {r['startup_to_first_step_s']:.1f} s "
           f"(imports {r['imports_s']:.1f} s, load+split {r['load_split_s']:.1f} s{cache})")
     print(f"train images/s: model-only (a) {r['train_model_only']:.1f}  end-to-end (b) {r['train_end_to_end']:.1f}"
-          f"  b/a {r['train_end_to_end'] / r['train_model_only']:.3f}")
+          f"  b/a {r['train_end_to_end'] / r['train_model_only']:.3f}  (per round {rounds(r['train_rounds_b_over_a'])})")
     print(f"eval  images/s: model-only {r['eval_model_only']:.1f}  end-to-end (c) {r['eval_end_to_end']:.1f}"
           f"  c/model-only {r['eval_end_to_end'] / r['eval_model_only']:.3f}")
     if "plain" in r:
-        plain = r["plain"]["train_images_per_s"]
-        print(f"plain PyTorch recipe (bench/plain_recipe.py) end-to-end train: {plain:.1f} img/s; "
-              f"ours (b) / plain {r['train_end_to_end'] / plain:.2f}x")
+        print(f"plain PyTorch recipe (bench/plain_recipe.py) end-to-end train: {r['plain']:.1f} img/s "
+              f"(per round {rounds(r['plain_rounds'])}); ours (b) / plain {r['train_end_to_end'] / r['plain']:.2f}x")
     print(f"peak memory: main process RSS {r['peak_main_rss_gib']:.2f} GiB; with DataLoader workers "
-          f"PSS {r['peak_tree_pss_gib']:.2f} GiB (RSS sum {r['peak_tree_rss_gib']:.2f} GiB)")
+          f"PSS {r['peak_tree_pss_gib']:.2f} GiB (RSS sum, counting shared pages in every worker, "
+          f"{r['peak_tree_rss_gib']:.2f} GiB)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **r}, indent=2))
 

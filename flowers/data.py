@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from flowers import imagefiles
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
+from flowers.transforms import eval_transform, train_transform
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -209,12 +210,22 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
     So an epoch's images are the same whatever the number of worker processes or ranks, and a
     run resumed mid-epoch sees exactly the images it would have seen. Set `epoch` before each
-    epoch's iterator is created (worker processes must not be persistent to see it).
+    epoch's iterator is created. It lives in shared memory, so persistent worker processes see
+    the new value: they take up the new epoch's indices only after the iterator is created.
     """
 
     def __init__(self, ds: Dataset, transform: Callable, seed: int):
         self.ds = ds.cast_column("image", Image(decode=False))  # decoded by imagefiles.load_rgb
-        self.transform, self.seed, self.epoch = transform, seed, 0
+        self.transform, self.seed = transform, seed
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch[0] = value
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -228,7 +239,9 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
     def _example(self, entry: dict, label: int, index: int) -> dict:
         with torch.random.fork_rng(devices=[]):  # leaves the global RNG (dropout, MixUp) untouched
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            # the CPU generator only: torch.manual_seed also queues seeding for CUDA, XPU and MTIA,
+            # recording a stack trace each time (~2 ms, as much as decoding and augmenting the image)
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             return {"pixel_values": _transformed_or_none(entry, self.transform), "labels": label}
 
 
@@ -243,8 +256,10 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 def default_workers(num_processes: int, on_gpu: bool) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cores // max(1, num_processes))
-    # GPU: decoding is the bottleneck, so every core but the main process's decodes.
-    return min(16, max(1, per_process - 1)) if on_gpu else min(2, per_process)
+    # GPU: decoding is the bottleneck, so every core but the main process's decodes. CPU: the
+    # workers take cores from the model's threads; one worker per 2 cores (at most 2) keeps up
+    # and, measured on 2 cores, slows training least (bench/throughput.py).
+    return min(16, max(1, per_process - 1)) if on_gpu else max(1, min(2, per_process // 2))
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -254,14 +269,25 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, pin_memory: bool,
-                drop_last: bool = False, seed: Optional[int] = None, persistent: bool = True) -> DataLoader:
-    """A DataLoader; with `seed`, it has its own generator (shuffling and worker seeds then never
-    draw from the global RNG). `persistent=False` starts workers afresh every epoch, so they see
-    the epoch of a SeededAugmentation."""
+                drop_last: bool = False, seed: Optional[int] = None) -> DataLoader:
+    """A DataLoader with persistent workers; with `seed`, it has its own generator (shuffling and
+    worker seeds then never draw from the global RNG)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-        pin_memory=pin_memory, persistent_workers=persistent and workers > 0, drop_last=drop_last,
+        pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None, generator=generator,
         worker_init_fn=_ignore_sigint if workers > 0 else None,
     )
+
+
+def build_loaders(cfg, splits: Splits, num_processes: int, on_gpu: bool) -> tuple[DataLoader, DataLoader, int]:
+    """The training and validation loaders of a TrainConfig, and the number of workers each uses."""
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(num_processes, on_gpu)
+    # drop_last: a last batch of one image would crash BatchNorm in training mode
+    train_loader = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
+                               cfg.batch_size, shuffle=True, workers=workers, pin_memory=on_gpu, seed=cfg.seed,
+                               drop_last=len(splits.train) > cfg.batch_size * num_processes)
+    val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
+                             shuffle=False, workers=workers, pin_memory=on_gpu, seed=cfg.seed)
+    return train_loader, val_loader, workers

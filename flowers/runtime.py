@@ -71,9 +71,17 @@ def _warn_slow_precision(accelerator: Accelerator) -> None:
         accelerator.print("warning: fp16 mixed precision has no effect on CPU; training runs in fp32")
 
 
+def _installed_version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # e.g. wandb, where only --report-to none is used
+        return "not installed"
+
+
 def environment(accelerator: Accelerator, model: Optional[torch.nn.Module] = None) -> dict:
     """Where and how this run executes (recorded in checkpoints and tracker runs)."""
-    import importlib.metadata
     import platform
 
     import accelerate
@@ -90,7 +98,7 @@ def environment(accelerator: Accelerator, model: Optional[torch.nn.Module] = Non
         "torch_threads": torch.get_num_threads(),
         "versions": {"flowers": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-                     "datasets": datasets.__version__, "wandb": importlib.metadata.version("wandb"),
+                     "datasets": datasets.__version__, "wandb": _installed_version("wandb"),
                      "python": platform.python_version()},
     }
     if accelerator.device.type == "cuda":

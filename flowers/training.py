@@ -16,11 +16,9 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
-from flowers.data import SeededAugmentation, Splits, default_workers, load_splits, make_loader, resolve_data, with_transform
-from flowers.data import resized_splits
+from flowers.data import Splits, build_loaders, load_splits, resized_splits, resolve_data
 from flowers.datacheck import warn_about_data
 from flowers.engine import EpochStats, evaluate, train_one_epoch
-from flowers.metrics import compute_metrics
 from flowers.model import ARCH, build_model, initial_state
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
@@ -29,7 +27,7 @@ from flowers.resume import (Progress, StopOnSignal, append_history, epoch_loader
                             load_last, resolve_init, resumed_config, trim_history)
 from flowers.resume import save_last as save_last_state
 from flowers.runtime import environment, make_accelerator
-from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size, eval_transform, train_transform
+from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size
 
 
 def _run_name(accelerator: Accelerator, cfg: TrainConfig) -> str:
@@ -110,13 +108,7 @@ def fit(cfg: TrainConfig) -> Path:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
     on_gpu = accelerator.device.type == "cuda"
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, on_gpu)
-    # drop_last: a last batch of one image would crash BatchNorm in training mode
-    train_loader = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
-                               cfg.batch_size, shuffle=True, workers=workers, pin_memory=on_gpu, seed=cfg.seed,
-                               persistent=False, drop_last=len(splits.train) > cfg.batch_size * accelerator.num_processes)
-    val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
-                             shuffle=False, workers=workers, pin_memory=on_gpu, seed=cfg.seed)
+    train_loader, val_loader, _ = build_loaders(cfg, splits, accelerator.num_processes, on_gpu)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
@@ -206,6 +198,7 @@ def fit(cfg: TrainConfig) -> Path:
 def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper, train, lr, epoch,
                meta, save_last, predictions) -> bool:
     """Validate (and the EMA), save best/ema/last, log; True when early stopping says stop."""
+    from flowers.metrics import compute_metrics  # not at the top: importing evaluate (~2 s) would delay the first step
     num_classes = len(splits.class_names)
     out = evaluate(accelerator, model, val_loader, desc="validate", channels_last=cfg.channels_last)
     check_validation_loss(out.loss, epoch, run_dir)

@@ -13,9 +13,9 @@ from datasets import Image
 from PIL import Image as PILImage
 
 from conftest import REPO, TINY_TRAIN, run_cli
-from flowers.data import load_splits, resized_splits
+from flowers.data import SeededAugmentation, load_splits, make_loader, resized_splits
 from flowers.imagefiles import load_rgb
-from flowers.transforms import ColorJitterMatrix, eval_size, eval_transform
+from flowers.transforms import ColorJitterMatrix, eval_size, eval_transform, train_transform
 
 
 def test_cache_resized_keeps_eval_pixels_and_is_reused(flower_dir):
@@ -70,10 +70,32 @@ def test_train_with_cache_resized(flower_dir, tmp_path):
 def test_throughput_bench_prints_ratios_and_the_plain_recipe(flower_dir, tmp_path):
     report = tmp_path / "bench.json"
     proc = run_cli(sys.executable, str(REPO / "bench" / "throughput.py"), "--data", str(flower_dir),
-                   "--image-size", "32", "--batch-size", "8", "--model-steps", "2", "--workers", "1",
+                   "--image-size", "32", "--batch-size", "8", "--model-steps", "3", "--workers", "1",
                    "--json", str(report))
     for line in ("startup to first training step", "b/a", "c/model-only", "ours (b) / plain", "peak memory"):
         assert line in proc.stdout
     results = json.loads(report.read_text())
-    assert results["train_images"] == 32 and results["plain"]["images"] == 32
-    assert results["train_end_to_end"] > 0 and results["train_model_only"] > 0
+    # 32 training images, batches of 8: the first step is start-up, the other 3 are measured, one per round
+    assert results["train_images"] == 32 and results["train_steps"] == 3
+    assert len(results["train_rounds_b_over_a"]) == 3 and len(results["plain_rounds"]) == 3
+    assert results["train_end_to_end"] > 0 and results["train_model_only"] > 0 and results["plain"] > 0
+
+
+def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
+    """Training workers live across epochs; the epoch set before each one still reaches them, so
+    two worker processes draw exactly the augmentations of the main process, epoch by epoch."""
+    train = load_splits(str(flower_dir), 0.2, seed=0).train
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        loader = make_loader(SeededAugmentation(train, train_transform(32), seed=3), batch_size=8, shuffle=False,
+                             workers=workers, pin_memory=False, seed=3)
+        images = []
+        for epoch in range(3):
+            loader.dataset.epoch = epoch  # as resume.epoch_loader does before every epoch
+            images.append(torch.cat([batch["pixel_values"] for batch in loader]))
+        return images
+
+    in_process, in_workers = epochs(0), epochs(2)
+    for a, b in zip(in_process, in_workers):
+        assert torch.equal(a, b)
+    assert not torch.equal(in_workers[0], in_workers[1]) and not torch.equal(in_workers[1], in_workers[2])
