@@ -169,6 +169,7 @@ def fit(cfg: TrainConfig) -> Path:
 
             if progress.batches_done == 0:
                 progress.epoch_lr = optimizer.param_groups[-1]["lr"]
+                totals.zero_()  # this epoch's sums (an epoch resumed midway continues the saved ones)
             train = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn,
                                     desc=f"epoch {epoch}/{cfg.epochs}", channels_last=cfg.channels_last,
                                     on_step=on_step, batch_transform=mix, totals=totals,

@@ -102,3 +102,10 @@ def test_init_from_starts_a_new_run_from_those_weights_with_a_fresh_optimizer(un
     steps = {int(state["step"]) for state in optimizer["state"].values()}
     assert steps == {meta["global_step"]} == {5}  # 20 training images / batch 4: this run's steps only
     assert [group["initial_lr"] for group in optimizer["param_groups"]] == [1e-4]  # the new run's lr, head only
+
+
+def test_each_epoch_reports_its_own_training_sums(uninterrupted):
+    """train_loss, train_accuracy and images/s cover one epoch, not a running total since epoch 1."""
+    _, whole = uninterrupted
+    rows = [json.loads(line) for line in (whole / "history.jsonl").read_text().splitlines()]
+    assert [row["train_samples"] for row in rows] == [20, 20]  # 25 photos: 20 train (5 batches of 4), 5 val
