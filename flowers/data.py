@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import datasets
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
 from flowers import imagefiles
+from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
 from flowers.transforms import eval_transform, train_transform
@@ -111,11 +115,29 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False) ->
     if len(names) < 2:
         raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
     try:
-        parts = full.train_test_split(test_size=val_split, stratify_by_column="label", seed=seed)
+        train, val = stratified_split(full, val_split, seed)
     except ValueError as e:  # too few images for this fraction, or a class with a single image
         raise UserError(f"cannot hold out --val-split {val_split} of the {len(full)} images in {data}, "
                         f"stratified by class ({e})") from None
-    return Splits(parts["train"], parts["test"], names, str(root) if root.is_dir() else data, skipped)
+    return Splits(train, val, names, str(root) if root.is_dir() else data, skipped)
+
+
+def stratified_split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Exactly `ds.train_test_split(test_size=val_fraction, stratify_by_column="label", seed=seed)`
+    (so splits and checkpoints stay comparable across versions), 1 s faster for the flower set:
+    datasets reads the label column row by row, here it is one Arrow column."""
+    n_val = math.ceil(val_fraction * len(ds))
+    if not 0 < n_val < len(ds):
+        raise ValueError(f"{n_val} of {len(ds)} images would be held out")
+    labels = ds.with_format("arrow")[:]["label"].to_numpy()  # honours an indices mapping
+    try:
+        train_idx, val_idx = next(stratified_shuffle_split_generate_indices(
+            labels, len(ds) - n_val, n_val, rng=np.random.default_rng(seed)))
+    except ValueError as e:
+        if str(e) == "Minimum class count error":
+            raise ValueError("the least populated class has only 1 image; each class needs at least 2") from None
+        raise
+    return ds.select(train_idx), ds.select(val_idx)
 
 
 def _load_hub(data: str) -> Dataset:
@@ -240,7 +262,7 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def _example(self, entry: dict, label: int, index: int) -> dict:
         with torch.random.fork_rng(devices=[]):  # leaves the global RNG (dropout, MixUp) untouched
             # the CPU generator only: torch.manual_seed also queues seeding for CUDA, XPU and MTIA,
-            # recording a stack trace each time (~2 ms, as much as decoding and augmenting the image)
+            # recording a stack trace each time (0.3 ms, about as much as augmenting a 128 px image)
             torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             return {"pixel_values": _transformed_or_none(entry, self.transform), "labels": label}
 
@@ -281,7 +303,7 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, pin_m
     )
 
 
-def build_loaders(cfg, splits: Splits, num_processes: int, on_gpu: bool) -> tuple[DataLoader, DataLoader, int]:
+def build_loaders(cfg: TrainConfig, splits: Splits, num_processes: int, on_gpu: bool) -> tuple[DataLoader, DataLoader, int]:
     """The training and validation loaders of a TrainConfig, and the number of workers each uses."""
     workers = cfg.workers if cfg.workers >= 0 else default_workers(num_processes, on_gpu)
     # drop_last: a last batch of one image would crash BatchNorm in training mode

@@ -2,9 +2,10 @@ import collections
 
 import pytest
 import torch
+from datasets import ClassLabel, Dataset, Features, Value
 
 from conftest import make_dataset
-from flowers.data import collate, image_paths, load_splits, resolve_data, with_transform
+from flowers.data import collate, image_paths, load_splits, resolve_data, stratified_split, with_transform
 from flowers.errors import UserError
 from flowers.transforms import eval_transform, train_transform
 
@@ -59,3 +60,15 @@ def test_folder_with_one_class_is_refused(tmp_path):
     make_dataset(tmp_path / "d", per_class=2, classes=["only"])
     with pytest.raises(UserError, match="at least 2"):
         load_splits(str(tmp_path / "d"), 0.2, seed=0)
+
+
+@pytest.mark.parametrize("val_fraction, seed", [(0.2, 42), (0.3, 7)])
+def test_stratified_split_is_exactly_datasets_train_test_split(val_fraction, seed):
+    """Our fast split must keep the split of every earlier run (and checkpoint) unchanged."""
+    labels = [i % 5 for i in range(97)] + [0, 0, 1]
+    ds = Dataset.from_dict({"path": [f"img{i}.jpg" for i in range(len(labels))], "label": labels},
+                           features=Features({"path": Value("string"), "label": ClassLabel(names=list("abcde"))}))
+    ds = ds.select(range(3, len(ds)))  # with an indices mapping, as a filtered Hub dataset has
+    expected = ds.train_test_split(test_size=val_fraction, stratify_by_column="label", seed=seed)
+    train, val = stratified_split(ds, val_fraction, seed)
+    assert train["path"] == expected["train"]["path"] and val["path"] == expected["test"]["path"]
