@@ -1,11 +1,13 @@
-"""Load + split of a large image folder: first (cold `datasets` cache) and cached, with peak memory.
+"""Load + split of a large image folder: first (empty caches) and cached, with peak memory.
 
     python bench/scale_load.py [--images 100000] [--root /tmp/flowers-scale]
 
-Generates ROOT/photos/<class>/*.jpg (tiny JPEGs, 5 classes; kept for later runs) and runs
-flowers.data.load_splits in a fresh process twice with ROOT/hf as HF_HOME: once with an empty
-cache, once cached. Each load reports its wall time and its peak resident memory; the images are
-never all in memory (datasets stores the paths; the split is an index mapping).
+Generates ROOT/photos-N/<class>/*.jpg (tiny JPEGs, 5 classes; kept for later runs) and runs
+flowers.data.load_splits in a fresh process twice with ROOT/hf as HF_HOME: first with an empty
+cache, so every file's header is checked, then again, when the scan's verdicts cached under
+HF_HOME are reused for the unchanged files. Each load reports its wall time and its peak resident
+memory; the images are never all in memory (datasets stores the paths; the split is an index
+mapping).
 """
 
 from __future__ import annotations

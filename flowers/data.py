@@ -61,7 +61,7 @@ def _pre_split_dirs(root: Path) -> Optional[tuple[Path, Path]]:
 
 def _load_folder(root: Path, strict: bool = False) -> tuple[Dataset, list[str]]:
     """The usable images of a class-per-folder tree (unusable ones reported), and what was skipped."""
-    scan = imagefiles.scan_folder(root)
+    scan = imagefiles.scan_folder(root, cache_dir=Path(datasets.config.HF_DATASETS_CACHE) / "flowers-scans")
     imagefiles.report(scan, strict)
     features = Features({"image": Image(), "label": ClassLabel(names=scan.class_names)})
     ds = Dataset.from_dict({"image": [path for path, _ in scan.files], "label": [label for _, label in scan.files]},

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -182,3 +183,24 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys):
     assert splits.class_names == ["a", "b"]
     out = capsys.readouterr().out
     assert "class folder c/ has no usable images; ignored" in out and "skipped c/x.jpg" in out
+
+
+def test_scan_verdicts_are_cached_by_size_and_modification_time(tmp_path):
+    """A second scan of a folder reuses each unchanged file's verdict (fast for 100,000 files) and
+    checks again every file whose size or modification time changed."""
+    root = make_dataset(tmp_path / "flowers", per_class=3)
+    cache = tmp_path / "scans"
+    victim = next((root / "rose").iterdir())
+    good = Image.new("RGB", (40, 30), (200, 30, 30))
+    victim.unlink()
+    good.save(victim, format="JPEG")
+    assert not imagefiles.scan_folder(root, cache_dir=cache).skipped
+    assert len(list(cache.glob("*.json"))) == 1
+
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)  # broken, with the same size and modification time
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not imagefiles.scan_folder(root, cache_dir=cache).skipped  # the cached verdict: unchanged file
+
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert [path for path, _ in imagefiles.scan_folder(root, cache_dir=cache).skipped] == [str(victim)]
