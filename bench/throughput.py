@@ -107,16 +107,22 @@ def parse_args() -> argparse.Namespace:
 
 
 class FirstStep:
-    """on_step callback for train_one_epoch: when the first step ended, counted from command start."""
+    """Marks, counted from command start, when the first batch reaches the training loop (start-up
+    ends, training begins) and when the first step has ended."""
 
     def __init__(self, sync):
-        self.sync, self.since_start, self.end = sync, None, None
+        self.sync, self.batch_ready, self.step_done = sync, None, None
 
-    def __call__(self, step: int) -> None:
-        if self.end is None:
+    def batches(self, batches):
+        for batch in batches:
+            if self.batch_ready is None:
+                self.batch_ready = seconds_since_command_start()
+            yield batch
+
+    def __call__(self, step: int) -> None:  # on_step callback for train_one_epoch
+        if self.step_done is None:
             self.sync()
-            self.end = time.perf_counter()
-            self.since_start = seconds_since_command_start()
+            self.step_done = seconds_since_command_start()
 
 
 class Take:
@@ -229,12 +235,13 @@ def main() -> None:
         sync()
         return time.perf_counter() - started
 
-    # The first end-to-end step ends the start-up time; it is not counted in (b).
+    # Start-up ends when the first batch reaches the loop; the first step is not counted in (b).
+    results["setup_s"] = seconds_since_command_start()
     first = FirstStep(sync)
     batches = endless(train_loader)
-    train_one_epoch(accelerator, model, Take(batches, 1), optimizer, scheduler, loss_fn,
+    train_one_epoch(accelerator, model, Take(first.batches(batches), 1), optimizer, scheduler, loss_fn,
                     channels_last=cfg.channels_last, on_step=first)
-    results["startup_to_first_step_s"] = first.since_start
+    results.update(startup_to_first_step_s=first.batch_ready, first_step_done_s=first.step_done)
     memory.snapshot_pss()  # with the workers running
 
     # (a) model-only: the same loop on a batch of random tensors already in memory (on the device).
@@ -294,8 +301,11 @@ def report(args: argparse.Namespace, cfg, results: dict) -> None:
           f"{r['train_steps']} end-to-end steps in {args.rounds} rounds")
     print(f"load average (1/5/15 min): start {r['load_at_start']}, end {r['load_after_ours']}")
     cache = f", cache-resized {r['cache_resized_s']:.1f} s" if "cache_resized_s" in r else ""
-    print(f"startup to first training step: {r['startup_to_first_step_s']:.1f} s "
-          f"(imports {r['imports_s']:.1f} s, load+split {r['load_split_s']:.1f} s{cache})")
+    setup = r["setup_s"] - r["imports_s"] - r["load_split_s"] - r.get("cache_resized_s", 0)
+    print(f"startup to first training step: {r['startup_to_first_step_s']:.1f} s (imports {r['imports_s']:.1f} s, "
+          f"load+split {r['load_split_s']:.1f} s{cache}, model and loaders {setup:.1f} s, "
+          f"first batch {r['startup_to_first_step_s'] - r['setup_s']:.1f} s); "
+          f"first step done at {r['first_step_done_s']:.1f} s")
     print(f"train images/s: model-only (a) {r['train_model_only']:.1f}  end-to-end (b) {r['train_end_to_end']:.1f}"
           f"  b/a {r['train_end_to_end'] / r['train_model_only']:.3f}  (per round {rounds(r['train_rounds_b_over_a'])})")
     print(f"eval  images/s: model-only {r['eval_model_only']:.1f}  end-to-end (c) {r['eval_end_to_end']:.1f}"

@@ -110,7 +110,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     on_gpu = accelerator.device.type == "cuda"
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, on_gpu)
     loader = make_loader(with_transform(dataset, transform), cfg.batch_size or int(train_cfg.get("batch_size", 32)),
-                         shuffle=False, workers=workers, pin_memory=on_gpu)
+                         shuffle=False, workers=workers, on_gpu=on_gpu)
     channels_last = bool(train_cfg.get("channels_last", True))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from datasets import Image
 from PIL import Image as PILImage
 
 from conftest import REPO, TINY_TRAIN, run_cli
-from flowers.data import SeededAugmentation, load_splits, make_loader, resized_splits
+from flowers.data import WORKER_NICE, SeededAugmentation, load_splits, make_loader, resized_splits
 from flowers.imagefiles import load_rgb
-from flowers.transforms import ColorJitterMatrix, eval_size, eval_transform, train_transform
+from flowers.transforms import ColorJitterMatrix, ToNormalisedTensor, eval_size, eval_transform, train_transform
 
 
 def test_cache_resized_keeps_eval_pixels_and_is_reused(flower_dir):
@@ -60,6 +62,18 @@ def test_color_jitter_matrix_is_identity_without_jitter_and_varies_with_it():
     assert len(jittered) == 5
 
 
+def test_one_pass_normalisation_matches_torchvision():
+    """ToNormalisedTensor gives the values of v2.ToImage + ToDtype + Normalize, for any image mode."""
+    from torchvision.transforms import v2
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    rgb = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for img in (rgb, rgb.convert("L")):
+        ours = ToNormalisedTensor(mean, std)(img)
+        assert ours.shape == (3, 20, 30) and ours.dtype == torch.float32
+        assert torch.allclose(ours, reference(img.convert("RGB")), atol=1e-5)
+
+
 def test_train_with_cache_resized(flower_dir, tmp_path):
     proc = run_cli("python", "train.py", "--data", str(flower_dir), "--epochs", "1", "--cache-resized",
                    "--output-dir", str(tmp_path / "out"), *TINY_TRAIN)
@@ -72,7 +86,7 @@ def test_throughput_bench_prints_ratios_and_the_plain_recipe(flower_dir, tmp_pat
     proc = run_cli(sys.executable, str(REPO / "bench" / "throughput.py"), "--data", str(flower_dir),
                    "--image-size", "32", "--batch-size", "8", "--model-steps", "3", "--workers", "1",
                    "--json", str(report))
-    for line in ("startup to first training step", "b/a", "c/model-only", "ours (b) / plain", "peak memory"):
+    for line in ("startup to first training step", "first step done at", "b/a", "c/model-only", "ours (b) / plain", "peak memory"):
         assert line in proc.stdout
     results = json.loads(report.read_text())
     # 32 training images, batches of 8: the first step is start-up, the other 3 are measured, one per round
@@ -88,7 +102,7 @@ def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
 
     def epochs(workers: int) -> list[torch.Tensor]:
         loader = make_loader(SeededAugmentation(train, train_transform(32), seed=3), batch_size=8, shuffle=False,
-                             workers=workers, pin_memory=False, seed=3)
+                             workers=workers, on_gpu=False, seed=3)
         images = []
         for epoch in range(3):
             loader.dataset.epoch = epoch  # as resume.epoch_loader does before every epoch
@@ -99,3 +113,23 @@ def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
     for a, b in zip(in_process, in_workers):
         assert torch.equal(a, b)
     assert not torch.equal(in_workers[0], in_workers[1]) and not torch.equal(in_workers[1], in_workers[2])
+
+
+class _WorkerNiceness(torch.utils.data.Dataset):
+    """Each example is the niceness of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": torch.tensor([os.nice(0)]), "labels": index}
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # no GPU here
+def test_cpu_training_workers_yield_the_cores_to_the_model():
+    """Training on the CPU, loader workers run at the lowest priority, so they decode in the gaps
+    the model's threads leave instead of preempting them; for a GPU they keep normal priority."""
+    base = os.nice(0)
+    for on_gpu, expected in ((False, min(19, base + WORKER_NICE)), (True, base)):
+        loader = make_loader(_WorkerNiceness(), batch_size=2, shuffle=False, workers=1, on_gpu=on_gpu)
+        assert [int(n) for batch in loader for n in batch["pixel_values"]] == [expected] * 4
