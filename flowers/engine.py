@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flowers.nonfinite import NonFiniteGuard
+from flowers.runtime import release_freed_memory
 
 LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
 
@@ -44,8 +45,7 @@ class EvalOutput:
 
 
 def _images(batch: dict, channels_last: bool) -> torch.Tensor:
-    images = batch["pixel_values"]
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return batch["pixel_values"].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def show_progress(accelerator: Accelerator) -> bool:
@@ -115,6 +115,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "ev
              channels_last: bool = True) -> EvalOutput:
     """Scores, labels and per-example losses for every example exactly once, on every process."""
     model.eval()
+    release_freed_memory()  # before the loader's workers may be forked (see release_freed_memory)
     scores, labels, losses = [], [], []
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Optional
 
@@ -50,6 +51,19 @@ def _configure_cpu_threads(accelerator: Accelerator) -> None:
         return
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     torch.set_num_threads(max(1, usable_cores() // max(1, local_procs)))
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc only; elsewhere a no-op).
+
+    A training step frees its activations (0.7 GiB at 224 px, batch 32) to malloc, which keeps
+    them. A DataLoader worker forked after that (the validation workers, at the first evaluation)
+    shares those pages copy-on-write, and keeps its own copy of each once the main process
+    reuses it: 0.5 GiB per worker at 224 px, measured with bench/throughput.py."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cpu_has_native_bf16() -> bool:

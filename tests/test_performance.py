@@ -116,13 +116,13 @@ def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
 
 
 class _WorkerNiceness(torch.utils.data.Dataset):
-    """Each example is the niceness of the process that loads it."""
+    """Each example is the niceness of the process that loads it, as a 1x1 image."""
 
     def __len__(self) -> int:
         return 4
 
     def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": torch.tensor([os.nice(0)]), "labels": index}
+        return {"pixel_values": torch.full((1, 1, 1), os.nice(0)), "labels": index}
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # no GPU here
@@ -132,4 +132,4 @@ def test_cpu_training_workers_yield_the_cores_to_the_model():
     base = os.nice(0)
     for on_gpu, expected in ((False, min(19, base + WORKER_NICE)), (True, base)):
         loader = make_loader(_WorkerNiceness(), batch_size=2, shuffle=False, workers=1, on_gpu=on_gpu)
-        assert [int(n) for batch in loader for n in batch["pixel_values"]] == [expected] * 4
+        assert [int(n) for batch in loader for n in batch["pixel_values"].flatten()] == [expected] * 4
