@@ -68,10 +68,11 @@ def test_one_pass_normalisation_matches_torchvision():
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     rgb = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
-    for img in (rgb, rgb.convert("L")):
-        ours = ToNormalisedTensor(mean, std)(img)
-        assert ours.shape == (3, 20, 30) and ours.dtype == torch.float32
-        assert torch.allclose(ours, reference(img.convert("RGB")), atol=1e-5)
+    ours = ToNormalisedTensor(mean, std)
+    for img in (rgb, rgb.convert("L"), rgb.crop((0, 0, 7, 5))):  # also a smaller image after a larger one
+        out = ours(img)
+        assert out.shape == (3, img.height, img.width) and out.dtype == torch.float32
+        assert torch.allclose(out, reference(img.convert("RGB")), atol=1e-5)
 
 
 def test_train_with_cache_resized(flower_dir, tmp_path):
