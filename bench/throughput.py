@@ -45,14 +45,19 @@ class PeakMemory:
     """Peak resident memory of this process and of it plus its children (DataLoader workers).
 
     A background thread sums the children's RSS every 0.5 s: that is cheap (/proc/PID/statm),
-    while PSS (/proc/PID/smaps, ~40 ms per process) would steal CPU from the measured loop, so
-    PSS is only read by `snapshot_pss()` between the measurements. Workers share most of their
-    pages with the main process, so the RSS sum over-counts and PSS is the fair total.
+    while PSS (/proc/PID/smaps_rollup, ~40 ms per process) would steal CPU from the measured loop,
+    so PSS is only read by `snapshot_pss()` between the measurements. Workers share most of their
+    pages with the main process, so the RSS sum over-counts and PSS is the fair total. PSS is split
+    into anonymous memory, shared memory (batches in transit) and file pages: the libraries' code
+    and the memory-mapped Arrow files (the image cache), page cache the kernel can reclaim.
     """
+
+    PARTS = ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File")
 
     def __init__(self, interval_s: float = 0.5):
         self.interval_s = interval_s
-        self.tree_rss = self.tree_pss = 0
+        self.tree_rss = 0
+        self.tree_pss = dict.fromkeys(self.PARTS, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,21 +73,34 @@ class PeakMemory:
     def main_rss(self) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's exact peak
 
-    def _each(self, read) -> int:
-        me, total = psutil.Process(), 0
+    def _each(self, read) -> list:
+        me, values = psutil.Process(), []
         for proc in [me, *me.children(recursive=True)]:
             try:
-                total += read(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                values.append(read(proc))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                 pass
-        return total
+        return values
+
+    @classmethod
+    def _pss_parts(cls, proc: psutil.Process) -> dict:
+        parts = dict.fromkeys(cls.PARTS, 0)
+        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in parts:
+                    parts[key] = int(value.split()[0]) * 1024
+        return parts
 
     def snapshot_pss(self) -> None:
-        self.tree_pss = max(self.tree_pss, self._each(lambda p: getattr(p.memory_full_info(), "pss", 0)))
+        per_process = self._each(self._pss_parts)
+        total = {k: sum(p[k] for p in per_process) for k in self.PARTS}
+        if total["Pss"] > self.tree_pss["Pss"]:
+            self.tree_pss = total
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.tree_rss = max(self.tree_rss, self._each(lambda p: p.memory_info().rss))
+            self.tree_rss = max(self.tree_rss, sum(self._each(lambda p: p.memory_info().rss)))
             self._stop.wait(self.interval_s)
 
 
@@ -284,7 +302,8 @@ def main() -> None:
     results["load_after_ours"] = load()
     memory.stop()
     results.update(peak_main_rss_gib=memory.main_rss / GiB, peak_tree_rss_gib=memory.tree_rss / GiB,
-                   peak_tree_pss_gib=memory.tree_pss / GiB)
+                   peak_tree_pss_gib=memory.tree_pss["Pss"] / GiB,
+                   peak_tree_pss_parts_gib={k: v / GiB for k, v in memory.tree_pss.items()})
 
     if accelerator.is_main_process:
         report(args, cfg, results)
@@ -313,9 +332,11 @@ def report(args: argparse.Namespace, cfg, results: dict) -> None:
     if "plain" in r:
         print(f"plain PyTorch recipe (bench/plain_recipe.py) end-to-end train: {r['plain']:.1f} img/s "
               f"(per round {rounds(r['plain_rounds'])}); ours (b) / plain {r['train_end_to_end'] / r['plain']:.2f}x")
+    parts = r["peak_tree_pss_parts_gib"]
     print(f"peak memory: main process RSS {r['peak_main_rss_gib']:.2f} GiB; with DataLoader workers "
-          f"PSS {r['peak_tree_pss_gib']:.2f} GiB (RSS sum, counting shared pages in every worker, "
-          f"{r['peak_tree_rss_gib']:.2f} GiB)")
+          f"PSS {r['peak_tree_pss_gib']:.2f} GiB = anonymous {parts['Pss_Anon']:.2f} + shared memory "
+          f"{parts['Pss_Shmem']:.2f} + file pages {parts['Pss_File']:.2f} (libraries, memory-mapped image cache); "
+          f"RSS sum, counting shared pages in every process, {r['peak_tree_rss_gib']:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **r}, indent=2))
 
