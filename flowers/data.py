@@ -295,8 +295,8 @@ def _init_worker(worker_id: int, low_priority: bool = False) -> None:
     `low_priority` (training on the CPU): the model's threads use every core, and a worker that
     preempts one of them stalls the other at the next barrier, so a 3% share of CPU for decoding
     cost 9-12% of the training speed. At nice 19 a worker runs in the gaps the model's threads
-    leave (and still gets a small share when there are none): end-to-end went from 0.88-0.91 to
-    0.96-1.03 of model-only speed at 128 px on 2 cores (bench/throughput.py)."""
+    leave (and still gets a small share when there are none). In paired runs at 128 px on 2 cores,
+    end-to-end speed went from 0.91 of model-only speed (nice 0) to 0.96-1.03 (nice 19)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if low_priority:
         os.nice(WORKER_NICE)

@@ -59,7 +59,8 @@ def release_freed_memory() -> None:
     A training step frees its activations (0.7 GiB at 224 px, batch 32) to malloc, which keeps
     them. A DataLoader worker forked after that (the validation workers, at the first evaluation)
     shares those pages copy-on-write, and keeps its own copy of each once the main process
-    reuses it: 0.5 GiB per worker at 224 px, measured with bench/throughput.py."""
+    reuses it. Trimming first: 0.4 GiB less PSS for the main process and its workers together at
+    224 px (bench/throughput.py)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
