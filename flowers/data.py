@@ -16,14 +16,13 @@ import torch
 import datasets
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
-from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
 from flowers import imagefiles
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
-from flowers.transforms import eval_transform, train_transform
+from flowers.transforms import eval_transform, short_side_resize, train_transform
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -166,22 +165,13 @@ def image_paths(ds: Dataset) -> list[Optional[str]]:
     return [item["path"] for item in ds.cast_column("image", Image(decode=False))["image"]]
 
 
-def _to_short_side(img: PILImage.Image, short_side: int) -> PILImage.Image:
-    """Short side to `short_side`, with the size and filter transforms.v2.Resize(short_side) uses
-    (so evaluation on the cache sees the same pixels)."""
-    short, long = sorted(img.size)
-    new_long = int(short_side * long / short)
-    size = (short_side, new_long) if img.width == short else (new_long, short_side)
-    return img if img.size == size else img.resize(size, PILImage.BILINEAR)
-
-
 def _resize_batch(batch: dict, short_side: int) -> dict:
     """Every image resized to `short_side` (up or down) and stored as uncompressed PPM bytes:
     decoding one is a copy (~12x cheaper than a JPEG), and evaluation's resize has nothing left to do."""
-    out = []
+    resize, out = short_side_resize(short_side), []
     for entry in batch["image"]:
         buffer = io.BytesIO()
-        _to_short_side(imagefiles.load_rgb(entry), short_side).save(buffer, format="PPM")
+        resize(imagefiles.load_rgb(entry)).save(buffer, format="PPM")
         out.append({"bytes": buffer.getvalue(), "path": None})
     return {"image": out}
 

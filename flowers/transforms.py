@@ -109,9 +109,15 @@ def eval_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
+def short_side_resize(short_side: int) -> v2.Resize:
+    """Scale an image so its short side is `short_side`: evaluation's first step, and what
+    --cache-resized stores (so evaluation on the cache sees the same pixels)."""
+    return v2.Resize(short_side, antialias=True)
+
+
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     return v2.Compose([
-        v2.Resize(eval_size(image_size), antialias=True),
+        short_side_resize(eval_size(image_size)),
         v2.CenterCrop(image_size),
         ToNormalisedTensor(mean, std),
     ])
