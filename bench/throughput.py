@@ -8,8 +8,9 @@
 (a) model-only training: the same loop, model, optimizer, precision, memory format and batch size
     on random tensors already in memory; the ratio b/a is the share of model speed we keep;
 (c) evaluation the same two ways (flowers.engine.evaluate);
-plus the time from command start to the first training step, peak memory, and the plain PyTorch
-recipe (bench/plain_recipe.py) for as many steps as (b). The first step is start-up, not speed.
+plus the time from command start to the first training step, peak memory, the plain PyTorch
+recipe (bench/plain_recipe.py) for as many steps as (b), and what `accelerate launch` adds to
+start-up before the script's first line runs. The first step is start-up, not speed.
 The measurements alternate in rounds (b, a, plain; then c, eval model-only): on a shared machine
 whose speed drifts by +-20% from minute to minute, that slows each of them alike.
 Not a test: it prints numbers.
@@ -25,6 +26,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -116,7 +118,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=None,
                         help="end-to-end training steps measured (default: one epoch)")
     parser.add_argument("--model-steps", type=int, default=30, help="model-only training steps measured")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="interleave the measurements in this many rounds, so a machine whose speed drifts "
                              "(a shared VM) slows each of them alike")
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip bench/plain_recipe.py")
@@ -198,6 +200,21 @@ def run_plain(data: str, image_size: int, batch_size: int, steps: int) -> dict:
            "--image-size", str(image_size), "--batch-size", str(batch_size), "--max-steps", str(steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def launcher_overhead_s() -> float:
+    """Seconds from starting `accelerate launch` (one CPU process) to the first line of the script
+    it launches: the launcher's own imports, paid before train.py's start-up begins."""
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "first_line.py"
+        script.write_text("import time\nprint(time.time())\n")
+        started = time.time()
+        out = subprocess.run([*cmd, "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+                              "--num_cpu_threads_per_process", "1", str(script)],
+                             check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[-1]) - started
 
 
 def main() -> None:
@@ -306,6 +323,7 @@ def main() -> None:
                    peak_tree_pss_parts_gib={k: v / GiB for k, v in memory.tree_pss.items()})
 
     if accelerator.is_main_process:
+        results["launcher_overhead_s"] = launcher_overhead_s()
         report(args, cfg, results)
 
 
@@ -325,6 +343,8 @@ def report(args: argparse.Namespace, cfg, results: dict) -> None:
           f"load+split {r['load_split_s']:.1f} s{cache}, model and loaders {setup:.1f} s, "
           f"first batch {r['startup_to_first_step_s'] - r['setup_s']:.1f} s); "
           f"first step done at {r['first_step_done_s']:.1f} s")
+    print(f"`accelerate launch` adds {r['launcher_overhead_s']:.1f} s before its script's first line "
+          f"(`python train.py` runs one process without it)")
     print(f"train images/s: model-only (a) {r['train_model_only']:.1f}  end-to-end (b) {r['train_end_to_end']:.1f}"
           f"  b/a {r['train_end_to_end'] / r['train_model_only']:.3f}  (per round {rounds(r['train_rounds_b_over_a'])})")
     print(f"eval  images/s: model-only {r['eval_model_only']:.1f}  end-to-end (c) {r['eval_end_to_end']:.1f}"

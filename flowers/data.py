@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import os
@@ -96,7 +97,9 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False) ->
     images are split stratified by class with `seed`, so every process (and eval.py later) gets
     exactly the same split. Unusable image files are left out with a warning each (`strict`: an error).
     """
-    root = Path(data).expanduser().absolute()  # recorded in checkpoints: eval.py may run elsewhere
+    # absolute (recorded in checkpoints: eval.py may run elsewhere) and canonical, so that
+    # `../x` and `/abs/x` share the caches of the scan and of --cache-resized
+    root = Path(data).expanduser().resolve()
     if root.is_file():
         raise UserError(f"--data {data} is a file; expected a folder with one sub-folder per class")
     if root.is_dir():
@@ -176,18 +179,34 @@ def _resize_batch(batch: dict, short_side: int) -> dict:
     return {"image": out}
 
 
+def _files_stamp(ds: Dataset) -> str:
+    """A hash of the size and modification time of every image file in `ds`: a photo edited or
+    replaced in place keeps its path, and so the dataset's fingerprint, but not its stamp."""
+    digest = hashlib.sha256()
+    for path in image_paths(ds):
+        if path is not None:
+            try:
+                st = os.stat(path)
+                digest.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                digest.update(b"missing;")  # decoding it will say what is wrong
+    return digest.hexdigest()[:16]
+
+
 def resized_copy(ds: Dataset, short_side: int) -> Dataset:
     """`ds` with every image decoded once and stored resized in an Arrow file under the `datasets`
-    cache, named by the dataset's fingerprint (its paths and labels) and `short_side`, so later
-    epochs and runs read small raw images instead of decoding and resizing JPEGs. On disk:
-    about 4 * short_side**2 bytes per image (0.26 MB at --image-size 224, 85 KB at 128)."""
+    cache, named by the dataset's fingerprint (its paths and labels), its files' sizes and
+    modification times, and `short_side`, so later epochs and runs read small raw images instead
+    of decoding and resizing JPEGs. On disk: about 4 * short_side**2 bytes per image (0.26 MB at
+    --image-size 224, 85 KB at 128)."""
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "flowers-resized"
     cache_dir.mkdir(parents=True, exist_ok=True)
     source = ds.cast_column("image", Image(decode=False))
+    name = f"{source._fingerprint}-{_files_stamp(source)}-short{short_side}-v2.arrow"
     return source.map(
         _resize_batch, batched=True, batch_size=64, fn_kwargs={"short_side": short_side}, features=ds.features,
         num_proc=min(4, usable_cores()) if len(ds) >= 1000 else None,
-        cache_file_name=str(cache_dir / f"{source._fingerprint}-short{short_side}-v2.arrow"),
+        cache_file_name=str(cache_dir / name),
         desc=f"caching images at short side {short_side}")
 
 

@@ -15,7 +15,7 @@ from datasets import Image
 from PIL import Image as PILImage
 
 from conftest import REPO, TINY_TRAIN, run_cli
-from flowers.data import WORKER_NICE, SeededAugmentation, load_splits, make_loader, resized_splits
+from flowers.data import WORKER_NICE, SeededAugmentation, image_paths, load_splits, make_loader, resized_splits
 from flowers.imagefiles import load_rgb
 from flowers.transforms import ColorJitterMatrix, ToNormalisedTensor, eval_size, eval_transform, train_transform
 
@@ -39,6 +39,26 @@ def test_cache_resized_keeps_eval_pixels_and_is_reused(flower_dir):
     assert cache_file.stat().st_mtime_ns == written  # read back, not rebuilt
     other_size = resized_splits(splits, eval_size(32))
     assert other_size.train.cache_files[0]["filename"] != str(cache_file)
+
+
+def test_cache_resized_follows_photos_edited_in_place_and_not_the_folders_spelling(flower_dir):
+    short_side = eval_size(64)
+    splits = load_splits(str(flower_dir), 0.2, seed=0)
+    first = resized_splits(splits, short_side)
+    same_folder = load_splits(str(flower_dir / ".." / flower_dir.name), 0.2, seed=0)
+    assert resized_splits(same_folder, short_side).val.cache_files == first.val.cache_files
+
+    edited = image_paths(splits.val)[0]  # replaced by another picture under the same name
+    os.unlink(edited)  # the photos are symlinks to the shared data set: never write through them
+    PILImage.new("RGB", (60, 50), (200, 30, 90)).save(edited, format="JPEG")
+    stat = os.stat(edited)
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # even on a coarse clock
+    again = resized_splits(load_splits(str(flower_dir), 0.2, seed=0), short_side)
+    assert again.val.cache_files != first.val.cache_files
+    transform = eval_transform(64)
+    expected = transform(load_rgb({"path": edited, "bytes": None}))
+    assert torch.equal(transform(again.val[0]["image"]), expected)
+    assert not torch.equal(transform(first.val[0]["image"]), expected)
 
 
 def _photo(size=(48, 40)) -> PILImage.Image:
@@ -87,13 +107,15 @@ def test_throughput_bench_prints_ratios_and_the_plain_recipe(flower_dir, tmp_pat
     proc = run_cli(sys.executable, str(REPO / "bench" / "throughput.py"), "--data", str(flower_dir),
                    "--image-size", "32", "--batch-size", "8", "--model-steps", "3", "--workers", "1",
                    "--json", str(report))
-    for line in ("startup to first training step", "first step done at", "b/a", "c/model-only", "ours (b) / plain", "peak memory"):
+    for line in ("startup to first training step", "first step done at", "`accelerate launch` adds", "b/a",
+                 "c/model-only", "ours (b) / plain", "peak memory"):
         assert line in proc.stdout
     results = json.loads(report.read_text())
     # 32 training images, batches of 8: the first step is start-up, the other 3 are measured, one per round
     assert results["train_images"] == 32 and results["train_steps"] == 3
     assert len(results["train_rounds_b_over_a"]) == 3 and len(results["plain_rounds"]) == 3
     assert results["train_end_to_end"] > 0 and results["train_model_only"] > 0 and results["plain"] > 0
+    assert 0 < results["launcher_overhead_s"] < 120
 
 
 def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
