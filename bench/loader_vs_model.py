@@ -35,7 +35,7 @@ def per_image_ms(splits, image_size: int, count: int = 200) -> float:
 
 def loader_epochs(splits, data: str, image_size: int, workers: int, device: torch.device) -> None:
     cfg = TrainConfig(data=data, image_size=image_size, workers=workers, weights="none", report_to="none")
-    train, val, _ = build_loaders(cfg, splits, num_processes=1, on_gpu=device.type == "cuda")
+    train, val, _ = build_loaders(cfg, splits, num_processes=1, device_type=device.type)
     for epoch in range(3):
         train.dataset.epoch = epoch
         started, images, first = time.perf_counter(), 0, None

@@ -139,7 +139,7 @@ class FirstStep:
                 self.batch_ready = seconds_since_command_start()
             yield batch
 
-    def __call__(self, step: int) -> None:  # on_step callback for train_one_epoch
+    def __call__(self, step: int, stepped: bool) -> None:  # on_step callback for train_one_epoch
         if self.step_done is None:
             self.sync()
             self.step_done = seconds_since_command_start()
@@ -256,10 +256,10 @@ def main() -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
-    train_loader, val_loader, workers = build_loaders(cfg, splits, accelerator.num_processes, on_gpu)
+    train_loader, val_loader, workers = build_loaders(cfg, splits, accelerator.num_processes, accelerator.device.type)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
     results.update(device=str(accelerator.device), precision=accelerator.mixed_precision, workers=workers,
                    threads=torch.get_num_threads(), train_images=len(splits.train), val_images=len(splits.val))
 
@@ -282,7 +282,8 @@ def main() -> None:
     # (a) model-only: the same loop on a batch of random tensors already in memory (on the device).
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     batch = {"pixel_values": torch.randn(shape, device=accelerator.device),
-             "labels": torch.randint(0, len(splits.class_names), (cfg.batch_size,), device=accelerator.device)}
+             "labels": torch.randint(0, len(splits.class_names), (cfg.batch_size,), device=accelerator.device),
+             "valid": torch.ones(cfg.batch_size, dtype=torch.bool, device=accelerator.device)}
     if cfg.channels_last:
         batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
 

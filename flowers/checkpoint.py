@@ -120,7 +120,9 @@ def _umask() -> int:
 
 
 def _recover(target: Path) -> None:
-    """Finish an interrupted swap: if only `<name>.old` is left, it is the last complete save."""
+    """Finish an interrupted swap: if only `<name>.old` is left, it is the last complete save.
+    Only for the process that writes the run (its next save, a resume): a reader renaming it
+    could do so between a live trainer's two renames and make that save fail; see _readable."""
     old = target.with_name(target.name + _OLD_SUFFIX)
     if not target.exists() and old.is_dir():
         try:
@@ -129,28 +131,34 @@ def _recover(target: Path) -> None:
             pass
 
 
+def _readable(target: Path) -> Path:
+    """`target`, or `<name>.old` while a save is between its two renames (or was killed there):
+    the same complete checkpoint, read in place. Reading never changes a run folder."""
+    old = target.with_name(target.name + _OLD_SUFFIX)
+    return old if not target.exists() and (old / META_FILE).is_file() else target
+
+
 def _run_dirs(output_dir: Path) -> list[Path]:
     return [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")] if output_dir.is_dir() else []
 
 
 def resolve(ckpt: str, output_dir: str = "outputs") -> Path:
-    """'best' / 'last' -> that checkpoint of the latest run under output_dir; else a path."""
+    """'best' / 'last' -> that checkpoint of the latest run under output_dir; else a path.
+    Read-only: a trainer may be saving into the run at this moment (see _readable)."""
     if ckpt not in ALIASES:
-        path = Path(ckpt).expanduser()
-        _recover(path)
+        path = _readable(Path(ckpt).expanduser())
         if path.is_dir() and not (path / META_FILE).exists():
-            _recover(path / "best")
-            if (path / "best" / META_FILE).exists():
-                path = path / "best"  # a run folder: use its best checkpoint
+            best = _readable(path / "best")
+            if (best / META_FILE).exists():
+                path = best  # a run folder: use its best checkpoint
         if not path.exists():
             raise UserError(f"--ckpt {ckpt}: no such checkpoint folder")
         return path
     candidates = []
     for run in _run_dirs(Path(output_dir)):
-        _recover(run / ckpt)
-        meta = run / ckpt / META_FILE
+        meta = _readable(run / ckpt) / META_FILE
         if meta.is_file():
-            candidates.append((meta.stat().st_mtime, run / ckpt))
+            candidates.append((meta.stat().st_mtime, meta.parent))
     if not candidates:
         raise UserError(f"--ckpt {ckpt}: no runs with a '{ckpt}' checkpoint under {output_dir}/ "
                         "(train first, or pass --output-dir or a checkpoint path)")

@@ -104,7 +104,9 @@ class TrainConfig:
         check(self.save_every_steps >= 0, "--save-every-steps must be >= 0")
         check(not (self.resume and self.init_from),
               "--resume continues a run; --init-from starts a new one: give only one of them")
-        check(self.weights in ("imagenet", "none") or Path(self.weights).expanduser().exists(),
+        # a resumed run restores its weights from last/ and never reads --weights (moved since: fine)
+        check(self.resume is not None or self.weights in ("imagenet", "none")
+              or Path(self.weights).expanduser().exists(),
               f"--weights {self.weights}: not imagenet or none, and no such file or folder")
         check(self.optimizer != "sgd" or 0 < self.momentum < 1,
               f"--momentum must be in (0, 1) for sgd (Nesterov momentum), got {self.momentum}")
@@ -143,9 +145,15 @@ class EvalConfig:
     mistakes: int = arg(16, "how many of the most confidently wrong images to show in mistakes.png")
     workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count")
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
+    mixed_precision: Optional[str] = arg(
+        None, "precision of the forward pass; default: the one `accelerate launch --mixed_precision` sets, else "
+        "the precision the checkpoint was trained in when this machine has the same kind of device (GPU or "
+        "CPU), else no (fp32)", choices=["no", "fp16", "bf16"])
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:
+        check(self.mixed_precision in (None, "no", "fp16", "bf16"),
+              f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
         check(self.batch_size is None or self.batch_size >= 1,
               f"--batch-size must be at least 1, got {self.batch_size}")
         check(self.split in (None, "val", "train", "all"), f"split must be val, train or all, got {self.split}")

@@ -27,6 +27,10 @@ from flowers.transforms import eval_transform, short_side_resize, train_transfor
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
+# A Hub dataset's own validation split, used for model selection; never `test` (choosing the best
+# epoch on it would leak the test set into the model and its reported accuracy).
+HUB_VAL_SPLITS = ("validation", "valid")
+AUTO = "auto"  # load_splits' val_from: the source's own validation split when it has one
 
 
 @dataclass
@@ -36,6 +40,9 @@ class Splits:
     class_names: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)  # unusable files left out (see imagefiles.py)
+    # the source's own split (a Hub split or a val/ folder) that is the validation set; None: held
+    # out of the training images (stratified, by seed and val_split). Recorded in checkpoints.
+    val_from: Optional[str] = None
 
 
 def resolve_data(data: Optional[str], download_if_missing: bool = True) -> str:
@@ -90,30 +97,42 @@ def _normalise_hub_columns(ds: Dataset) -> Dataset:
     return ds.select_columns(["image", "label"])
 
 
-def load_splits(data: str, val_split: float, seed: int, strict: bool = False) -> Splits:
-    """Train/validation splits of a folder or Hub dataset.
+def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
+                val_from: Optional[str] = AUTO) -> Splits:
+    """Train/validation splits of a folder or Hub dataset (or a local copy of one: a folder of
+    Parquet files per split, as the Hub stores them).
 
-    A folder with train/ and val/ (or validation/) sub-folders is used as given; otherwise the
-    images are split stratified by class with `seed`, so every process (and eval.py later) gets
-    exactly the same split. Unusable image files are left out with a warning each (`strict`: an error).
+    A folder with train/ and val/ (or validation/) sub-folders is used as given, and so is a Hub
+    dataset's own `validation` (or `valid`) split; otherwise the images are split stratified by
+    class with `seed`, so every process (and eval.py later) gets exactly the same split.
+    `val_from` (Hub datasets): AUTO, a split name, or None to split `train` even when the dataset
+    has its own validation split (as checkpoints saved before val_from was recorded did).
+    Unusable image files are left out with a warning each (`strict`: an error).
     """
     # absolute (recorded in checkpoints: eval.py may run elsewhere) and canonical, so that
     # `../x` and `/abs/x` share the caches of the scan and of --cache-resized
     root = Path(data).expanduser().resolve()
     if root.is_file():
         raise UserError(f"--data {data} is a file; expected a folder with one sub-folder per class")
-    if root.is_dir():
+    if root.is_dir() and not _holds_dataset_files(root):
         pre_split = _pre_split_dirs(root)
         if pre_split:
             (train, train_skipped), (val, val_skipped) = (_load_folder(d, strict) for d in pre_split)
             if _label_names(train) != _label_names(val):
                 raise UserError(f"{pre_split[0]} and {pre_split[1]} hold different class folders")
-            return Splits(train, val, _label_names(train), str(root), train_skipped + val_skipped)
+            return Splits(train, val, _label_names(train), str(root), train_skipped + val_skipped,
+                          val_from=pre_split[1].name)
         full, skipped = _load_folder(root, strict)
-    elif data.startswith((".", "/", "~")) or os.path.sep + os.path.sep in data:
+    elif not root.is_dir() and (data.startswith((".", "/", "~")) or os.path.sep + os.path.sep in data):
         raise UserError(f"--data {data}: no such folder")
     else:
-        full, skipped = _load_hub(data), []
+        source = str(root) if root.is_dir() else data
+        full, own_val, val_from = _load_hub(source, val_from)
+        if own_val is not None:
+            if _label_names(own_val) != _label_names(full):
+                raise UserError(f"--data {data}: its '{val_from}' split has other classes than its training split")
+            return Splits(full, own_val, _label_names(full), source, val_from=val_from)
+        skipped = []
     names = _label_names(full)
     if len(names) < 2:
         raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
@@ -143,14 +162,29 @@ def stratified_split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Datas
     return ds.select(train_idx), ds.select(val_idx)
 
 
-def _load_hub(data: str) -> Dataset:
+def _holds_dataset_files(root: Path) -> bool:
+    """A local copy of a Hub dataset (Parquet files, at the top or one folder down, e.g.
+    data/train-00000-of-00001.parquet), which `load_dataset` reads with its splits, rather than
+    a folder of photos."""
+    return any(root.glob("*.parquet")) or any(root.glob("*/*.parquet"))
+
+
+def _load_hub(data: str, val_from: Optional[str] = AUTO) -> tuple[Dataset, Optional[Dataset], Optional[str]]:
+    """A Hub dataset's training split, and its own validation split and that split's name (see
+    load_splits' `val_from`; (None, None) when it has none or val_from is None)."""
     try:
         dd = load_dataset(data)
     except Exception as e:  # network, unknown id, gated dataset: all one line for the user
         raise UserError(f"--data {data}: not a folder here, and loading it from the Hub failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     split = "train" if "train" in dd else next(iter(dd))
-    return _normalise_hub_columns(dd[split])
+    if val_from == AUTO:
+        val_from = next((name for name in HUB_VAL_SPLITS if name in dd and name != split), None)
+    elif val_from is not None and val_from not in dd:
+        raise UserError(f"--data {data} has no '{val_from}' split (the checkpoint's validation split); "
+                        f"its splits: {', '.join(dd)}")
+    own_val = _normalise_hub_columns(dd[val_from]) if val_from else None
+    return _normalise_hub_columns(dd[split]), own_val, val_from
 
 
 def full_dataset(data: str, strict: bool = False) -> tuple[Dataset, list[str]]:
@@ -234,6 +268,13 @@ def _transformed_or_none(entry: dict, transform: Callable) -> Optional[torch.Ten
         return None
 
 
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training example's augmentation. Reduced modulo 2**64 (the generator's seed
+    range; larger seeds, from --seed 1844666 on, made manual_seed raise): seeds below that keep
+    their value, so every run that worked before draws the same images and resumes bit-identically."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64
+
+
 class SeededAugmentation(torch.utils.data.Dataset):
     """Training examples whose random augmentation depends only on (seed, epoch, example index).
 
@@ -270,28 +311,56 @@ class SeededAugmentation(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):  # leaves the global RNG (dropout, MixUp) untouched
             # the CPU generator only: torch.manual_seed also queues seeding for CUDA, XPU and MTIA,
             # recording a stack trace each time (0.3 ms, about as much as augmenting a 128 px image)
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            torch.default_generator.manual_seed(example_seed(self.seed, self.epoch, index))
             return {"pixel_values": _transformed_or_none(entry, self.transform), "labels": label}
 
 
-def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """One batch of the examples that decoded; images stacked channels-last, the model's memory
-    format: the transforms leave pixels in HWC order, so this is a plain copy (3x cheaper than an
-    NCHW stack, and the main process has no layout to convert)."""
-    examples = [e for e in examples if e["pixel_values"] is not None]
+def collate(examples: list[dict], image_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """One batch, images stacked channels-last, the model's memory format: the transforms leave
+    pixels in HWC order, so this is a plain copy (3x cheaper than an NCHW stack, and the main
+    process has no layout to convert).
+
+    An image that no longer decodes (None; already warned about by name) keeps its place, filled
+    with a copy of another image of the batch (or zeros of `image_size` when none decoded), and
+    `valid` says which images count. Batches keep the size every process expects: under DDP the
+    processes exchange gradients and metrics batch by batch, and a shorter or empty batch on one
+    of them would make the others wait forever."""
+    valid = [e["pixel_values"] is not None for e in examples]
+    stand_in = next((e["pixel_values"] for e in examples if e["pixel_values"] is not None), None)
+    if stand_in is None:
+        if image_size is None:
+            raise UserError("no image of this batch could be decoded")
+        stand_in = torch.zeros(3, image_size, image_size)
+    pixels = [e["pixel_values"] if ok else stand_in for e, ok in zip(examples, valid)]
     return {
-        "pixel_values": torch.stack([e["pixel_values"].permute(1, 2, 0) for e in examples]).permute(0, 3, 1, 2),
+        "pixel_values": torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2),
         "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+        "valid": torch.tensor(valid),
     }
 
 
-def default_workers(num_processes: int, on_gpu: bool) -> int:
+def default_workers(num_processes: int, device_type: str) -> int:
+    """DataLoader workers per process for a device type ("cpu", "cuda", "mps", ...)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cores // max(1, num_processes))
-    # GPU: decoding is the bottleneck, so every core but the main process's decodes. CPU: the
-    # workers take cores from the model's threads; one worker per 2 cores (at most 2) keeps up
-    # and, measured on 2 cores, slows training least (bench/throughput.py).
-    return min(16, max(1, per_process - 1)) if on_gpu else max(1, min(2, per_process // 2))
+    if device_type == "cpu":
+        # the workers take cores from the model's threads; one worker per 2 cores keeps up and,
+        # measured on 2 cores, slows training least (bench/throughput.py). At most 16, as for a
+        # GPU: each is a process with its own memory, and 16 decode far more images per second
+        # (500-700 each at 224 px) than a CPU trains on.
+        return max(1, min(16, per_process // 2))
+    if device_type == "mps":
+        # Apple silicon: workers start by spawning (macOS), and half or more of the cores are
+        # efficiency cores; a few workers, not one per core (not measured here: no Mac).
+        return min(4, max(1, per_process - 1))
+    # CUDA and other GPUs: decoding is the bottleneck, so every core but the main process's decodes
+    return min(16, max(1, per_process - 1))
+
+
+def pins_memory(device_type: str) -> bool:
+    """Page-locked batches make host-to-device copies asynchronous on CUDA (and XPU); MPS shares
+    the host's memory and has no pinned memory, and the CPU needs no copy."""
+    return device_type in ("cuda", "xpu")
 
 
 WORKER_NICE = 19  # CPU training: DataLoader workers at the lowest priority (see _init_worker)
@@ -311,27 +380,30 @@ def _init_worker(worker_id: int, low_priority: bool = False) -> None:
         os.nice(WORKER_NICE)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, on_gpu: bool,
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, device_type: str, image_size: int,
                 drop_last: bool = False, seed: Optional[int] = None) -> DataLoader:
     """A DataLoader with persistent workers; with `seed`, it has its own generator (shuffling and
-    worker seeds then never draw from the global RNG). For a GPU, batches go to pinned memory; for
-    the CPU, workers run at low priority (see _init_worker)."""
+    worker seeds then never draw from the global RNG). For CUDA, batches go to pinned memory
+    (see pins_memory); for the CPU, workers run at low priority (see _init_worker)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-        pin_memory=on_gpu, persistent_workers=workers > 0, drop_last=drop_last,
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        collate_fn=functools.partial(collate, image_size=image_size),
+        pin_memory=pins_memory(device_type), persistent_workers=workers > 0, drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None, generator=generator,
-        worker_init_fn=functools.partial(_init_worker, low_priority=not on_gpu) if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, low_priority=device_type == "cpu") if workers > 0 else None,
     )
 
 
-def build_loaders(cfg: TrainConfig, splits: Splits, num_processes: int, on_gpu: bool) -> tuple[DataLoader, DataLoader, int]:
+def build_loaders(cfg: TrainConfig, splits: Splits, num_processes: int,
+                  device_type: str) -> tuple[DataLoader, DataLoader, int]:
     """The training and validation loaders of a TrainConfig, and the number of workers each uses."""
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(num_processes, on_gpu)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(num_processes, device_type)
     # drop_last: a last batch of one image would crash BatchNorm in training mode
     train_loader = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
-                               cfg.batch_size, shuffle=True, workers=workers, on_gpu=on_gpu, seed=cfg.seed,
+                               cfg.batch_size, shuffle=True, workers=workers, device_type=device_type, image_size=cfg.image_size, seed=cfg.seed,
                                drop_last=len(splits.train) > cfg.batch_size * num_processes)
     val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
-                             shuffle=False, workers=workers, on_gpu=on_gpu, seed=cfg.seed)
+                             shuffle=False, workers=workers, device_type=device_type, image_size=cfg.image_size,
+                             seed=cfg.seed)
     return train_loader, val_loader, workers

@@ -21,8 +21,11 @@ def _size(entry: dict) -> int:
 def _digest(entry: dict) -> str:
     if entry.get("bytes") is not None:
         return hashlib.sha256(entry["bytes"]).hexdigest()
-    with open(entry["path"], "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(entry["path"], "rb") as f:  # chunked: hashlib.file_digest is Python 3.11+
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _name(entry: dict) -> str:

@@ -22,7 +22,7 @@ LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sy
 
 @dataclass
 class EpochStats:
-    loss: float
+    loss: float  # cross-entropy with the true labels: no label smoothing or MixUp/CutMix, like val_loss
     accuracy: float
     samples: int
     seconds: float
@@ -60,48 +60,58 @@ def _bar(accelerator: Accelerator, total: int, desc: str) -> tqdm:
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler,
                     loss_fn: Callable, desc: str = "train", channels_last: bool = True,
-                    on_step: Optional[Callable[[int], bool]] = None,
+                    on_step: Optional[Callable[[int, bool], bool]] = None,
                     batch_transform: Optional[Callable] = None, totals: Optional[torch.Tensor] = None,
                     start_step: int = 0, guard: Optional[NonFiniteGuard] = None) -> EpochStats:
     """Train for one pass over `loader`; returns loss/accuracy summed over all processes.
 
-    `on_step(step)` runs after every batch and stops the epoch early by returning True.
+    `on_step(step, stepped)` runs after every batch and stops the epoch early by returning True;
+    `stepped` is True when the weights were updated (the last batch of an accumulation cycle, and
+    neither --on-nan skip nor fp16's GradScaler skipped the update). A skipped update advances
+    neither the schedule nor the optimizer-step count.
     `batch_transform(images, labels) -> (images, targets)` mixes batches (MixUp/CutMix; accuracy
-    is still counted against the original labels). `totals` (float64 on the device: loss sum,
+    is still counted against the original labels). `totals` (float32 on the device: loss sum,
     correct, seen; updated in place) and `start_step` continue an epoch interrupted after
     `start_step` batches. `guard` (see nonfinite.py) stops on a NaN/Inf loss or skips the
-    updates it would poison.
+    updates it would poison. Sums stay float32 (exact for counts below 2**24 images an epoch)
+    because some devices (Apple's MPS) have no float64.
     """
     model.train()
     device = accelerator.device
     # this process's sums (updated in place, so the caller sees them from on_step), on the device
-    running = totals if totals is not None else torch.zeros(3, device=device, dtype=torch.float64)
+    running = totals if totals is not None else torch.zeros(3, device=device, dtype=torch.float32)
     start = time.perf_counter()
     with _bar(accelerator, len(loader), desc) as bar:
         for step, batch in enumerate(loader, start=start_step):
-            images, labels = _images(batch, channels_last), batch["labels"]
+            images, labels, valid = _images(batch, channels_last), batch["labels"], batch["valid"].float()
             targets = labels
             if batch_transform is not None:
                 images, targets = batch_transform(images, labels)
             with accelerator.accumulate(model):
+                if guard is not None:
+                    guard.protect(model)
                 logits = model(images)
-                loss = loss_fn(logits, targets)
+                # the mean over the images that decoded (see data.collate); 0 when none did
+                loss = (loss_fn(logits, targets) * valid).sum() / valid.sum().clamp(min=1)
                 accelerator.backward(loss)
-                if guard is None or not guard.skip_update(model):
+                skipped = guard is not None and guard.skip_update(model)
+                if not skipped:
                     optimizer.step()
-                if accelerator.sync_gradients and scheduler is not None:
+                # fp16: the GradScaler skips steps whose gradients overflowed (a host sync it makes anyway)
+                stepped = accelerator.sync_gradients and not skipped and not getattr(optimizer, "step_was_skipped", False)
+                if stepped and scheduler is not None:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                running[:2] += torch.stack([loss.detach().double().nan_to_num(0, 0, 0) * labels.size(0),
-                                            (logits.argmax(1) == labels).sum().double()])
-                running[2] += labels.size(0)  # a Python number, not a tensor copied to the device each step
+            with torch.no_grad():  # reported loss: plain cross-entropy with the true labels, as val_loss
+                plain_loss = F.cross_entropy(logits.detach().float(), labels, reduction="none")
+                running += torch.stack([(plain_loss * valid).sum().nan_to_num(0, 0, 0),
+                                        ((logits.argmax(1) == labels).float() * valid).sum(), valid.sum()])
             bar.update()
             if step % LOG_EVERY == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if guard is not None:
                 guard.observe(loss, step)
-            if on_step is not None and on_step(step):
+            if on_step is not None and on_step(step, stepped):
                 break
     if guard is not None:
         guard.check()  # before the caller evaluates or saves anything
@@ -122,10 +132,12 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "ev
                       disable=not show_progress(accelerator)):
         logits = model(_images(batch, channels_last)).float()
         per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
-        logits, batch_labels, per_example = accelerator.gather_for_metrics(
-            (logits, batch["labels"], per_example))
-        scores.append(logits.cpu())
-        labels.append(batch_labels.cpu())
-        losses.append(per_example.cpu())
+        # every process gathers batches of equal size; images that did not decode are left out after
+        logits, batch_labels, per_example, valid = accelerator.gather_for_metrics(
+            (logits, batch["labels"], per_example, batch["valid"]))
+        keep = valid.cpu()
+        scores.append(logits.cpu()[keep])
+        labels.append(batch_labels.cpu()[keep])
+        losses.append(per_example.cpu()[keep])
     return EvalOutput(scores=torch.cat(scores).numpy(), labels=torch.cat(labels).numpy(),
                       losses=torch.cat(losses).numpy(), seconds=time.perf_counter() - start)

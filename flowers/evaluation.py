@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,13 @@ from datasets import Dataset, Image, concatenate_datasets
 
 from flowers import checkpoint, report
 from flowers.config import EvalConfig
-from flowers.data import default_workers, full_dataset, image_paths, load_splits, make_loader, with_transform
+from flowers.data import AUTO, default_workers, full_dataset, image_paths, load_splits, make_loader, with_transform
 from flowers.datacheck import warn_about_data
 from flowers.engine import EvalOutput, evaluate
 from flowers.errors import UserError
 from flowers.imagefiles import load_rgb
 from flowers.metrics import compute_metrics
-from flowers.runtime import make_accelerator
+from flowers.runtime import has_gpu, make_accelerator
 from flowers.transforms import eval_transform
 
 
@@ -35,7 +37,10 @@ def _select_images(cfg: EvalConfig, meta: dict) -> tuple[Dataset, list[Dataset],
     if cfg.data and split == "all":
         dataset, names = full_dataset(cfg.data, cfg.strict)
         return dataset, [dataset], names, split, source
-    splits = load_splits(source, float(data["val_split"]), int(data["split_seed"]), cfg.strict)
+    # the training run's validation split: its source's own (recorded as val_from), or held out of
+    # train (checkpoints without val_from were all split that way); other data: its own, if any
+    val_from = AUTO if cfg.data else data.get("val_from")
+    splits = load_splits(source, float(data["val_split"]), int(data["split_seed"]), cfg.strict, val_from)
     chosen = {"val": splits.val, "train": splits.train}.get(split)
     if chosen is None:
         chosen = concatenate_datasets([splits.train, splits.val])
@@ -95,7 +100,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
     model, meta = checkpoint.load_model(ckpt_dir)
     train_cfg = meta.get("config", {})
-    accelerator = make_accelerator(int(meta["data"]["split_seed"]))
+    accelerator = make_accelerator(int(meta["data"]["split_seed"]), mixed_precision=eval_precision(cfg, meta))
     class_names = list(meta["class_names"])
 
     with accelerator.main_process_first():
@@ -107,10 +112,10 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     norm = meta["normalization"]
     transform = eval_transform(int(meta["image_size"]), norm["mean"], norm["std"])
-    on_gpu = accelerator.device.type == "cuda"
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, on_gpu)
+    device_type = accelerator.device.type
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device_type)
     loader = make_loader(with_transform(dataset, transform), cfg.batch_size or int(train_cfg.get("batch_size", 32)),
-                         shuffle=False, workers=workers, on_gpu=on_gpu)
+                         shuffle=False, workers=workers, device_type=device_type, image_size=int(meta["image_size"]))
     channels_last = bool(train_cfg.get("channels_last", True))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -119,6 +124,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     metrics = compute_metrics(out.scores, out.labels, len(class_names), top_k=cfg.top_k, losses=out.losses)
     result = {"checkpoint": str(ckpt_dir), "data": source, "split": split, "epoch": meta.get("epoch"),
               "class_names": class_names, "processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision,
               "seconds": out.seconds, "images_per_s": len(out.labels) / out.seconds if out.seconds else None,
               "metrics": metrics}
 
@@ -154,5 +160,43 @@ def _write_report(report_dir: Path, result: dict, dataset: Dataset, out: EvalOut
           f"{result['processes']} process(es))")
     recorded = meta.get("metrics", {}).get("val_accuracy")
     if split == "val" and not cfg.data and recorded is not None:
-        same = "matches" if abs(recorded - metrics["accuracy"]) < 1e-9 else "DIFFERS FROM"
-        print(f"{same} the accuracy recorded at training time: {recorded:.2%}")
+        print(recorded_accuracy_verdict(recorded, metrics["accuracy"], metrics["num_samples"],
+                                        _recorded_precision(meta), result["mixed_precision"]))
+
+
+def _recorded_precision(meta: dict) -> str:
+    return (meta.get("environment") or {}).get("mixed_precision") or "no"
+
+
+def eval_precision(cfg: EvalConfig, meta: dict) -> str:
+    """--mixed-precision, else the launcher's (`accelerate launch --mixed_precision`), else the
+    checkpoint's own when this machine has the kind of device it was trained on (a GPU-trained
+    bf16 checkpoint on a CPU runs in fp32 instead: CPUs without native bf16 are 10-18x slower)."""
+    if cfg.mixed_precision:
+        return cfg.mixed_precision
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    trained_on_cpu = str((meta.get("environment") or {}).get("device", "cpu")).startswith("cpu")
+    return _recorded_precision(meta) if trained_on_cpu == (not has_gpu()) else "no"
+
+
+def mixed_precision_tolerance(num_images: int) -> int:
+    """Images whose verdict may flip between precisions: bf16/fp16 round the logits, and images the
+    model scores nearly even between two classes can change sides (an image or two of 570)."""
+    return max(2, math.ceil(0.005 * num_images))
+
+
+def recorded_accuracy_verdict(recorded: float, accuracy: float, num_images: int, recorded_precision: str,
+                              precision: str) -> str:
+    """Compare with the accuracy training recorded: to the image when neither side used mixed
+    precision; within mixed_precision_tolerance() images when one did."""
+    differing = round(abs(recorded - accuracy) * num_images)
+    where = f"{recorded:.2%}, trained in {recorded_precision}; evaluated in {precision}"
+    if differing == 0:
+        return f"matches the accuracy recorded at training time: {recorded:.2%} (evaluated in {precision})"
+    tolerance = mixed_precision_tolerance(num_images)
+    if "no" != recorded_precision or "no" != precision:
+        if differing <= tolerance:
+            return (f"agrees with the accuracy recorded at training time within {differing} image(s) ({where}; "
+                    f"mixed precision may move up to {tolerance} borderline images)")
+    return f"DIFFERS FROM the accuracy recorded at training time by {differing} image(s) ({where})"

@@ -70,49 +70,102 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(str(p))
+            state = load_file(str(p))
         except (SafetensorError, OSError) as e:
             raise UserError(f"{p}: not a valid safetensors file ({e})") from None
-    try:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)  # never runs code from the file
-    except pickle.UnpicklingError:
-        raise UserError(f"{p}: refused: this pickle holds more than tensors (objects or code that would run "
-                        "on loading); only plain weights are loaded (torch.load weights_only=True). Use a "
-                        ".safetensors file or a checkpoint folder") from None
-    except Exception as e:
-        raise UserError(f"{p}: not a loadable weights file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{p}: does not hold a state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)  # never runs code from the file
+        except pickle.UnpicklingError:
+            raise UserError(f"{p}: refused: this pickle holds more than tensors (objects or code that would run "
+                            "on loading); only plain weights are loaded (torch.load weights_only=True). Use a "
+                            ".safetensors file or a checkpoint folder") from None
+        except Exception as e:
+            raise UserError(f"{p}: not a loadable weights file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{p}: does not hold a state dict")
+    return {_without_wrapper_prefixes(k): v for k, v in state.items()}
+
+
+# Key prefixes of wrapped models: DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`),
+# in any order and combination (`module._orig_mod.`: a compiled model under DDP).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefixes(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def _is_head(key: str) -> bool:
     return key.startswith("fc.")
 
 
+def match_head_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A head saved with or without dropout (fc.1.* vs fc.*) fits a model built the other way."""
+    with_dropout = "fc.1.weight" in model.state_dict()
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            key = "fc." + key.removeprefix("fc.1.").removeprefix("fc.")
+            key = key.replace("fc.", "fc.1.", 1) if with_dropout else key
+        renamed[key] = value
+    return renamed
+
+
+def describe_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> Optional[str]:
+    """None when `theirs` loads strictly into a model whose state dict is `ours`; else one sentence:
+    how many keys are missing, unexpected or of another shape, a few of them, and the likely cause."""
+    # BatchNorm fills in a missing num_batches_tracked (state dicts older than torch 0.4.1 lack it)
+    missing = [k for k in ours if k not in theirs and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in theirs if k not in ours]
+    reshaped = [k for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+             for keys, what in ((missing, "missing keys"), (unexpected, "unexpected keys")) if keys]
+    if reshaped:
+        shapes = ", ".join(f"{k} {list(theirs[k].shape)} instead of {list(ours[k].shape)}" for k in reshaped[:2])
+        parts.append(f"{len(reshaped)} of another shape (e.g. {shapes})")
+    return "; ".join(parts) + f"; likely cause: {_likely_cause(missing, unexpected, reshaped)}"
+
+
+def _likely_cause(missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:
+    if unexpected and all(k.startswith(WRAPPER_PREFIXES) for k in unexpected):
+        return "the keys carry a wrapper prefix (DDP's module. or torch.compile's _orig_mod.)"
+    if all(_is_head(k) for k in missing + unexpected + reshaped):
+        if reshaped:
+            return "trained for another number of classes (only the classification head differs)"
+        return "a head saved with --dropout loaded without it, or the reverse (fc.1.* vs fc.*)"
+    if missing or unexpected:
+        return f"weights of another architecture than {ARCH} (e.g. a deeper ResNet)"
+    return f"a modified {ARCH} (layers of other sizes)"
+
+
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     backbone = {k: v for k, v in state.items() if not _is_head(k)}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    missing = [k for k in missing if not _is_head(k)]
-    if missing or unexpected:
-        raise UserError(f"weights do not fit {ARCH}: {len(missing)} missing and "
-                        f"{len(unexpected)} unexpected keys (e.g. {(missing + unexpected)[0]})")
+    problem = describe_mismatch({k: v for k, v in model.state_dict().items() if not _is_head(k)}, backbone)
+    if problem:
+        raise UserError(f"weights do not fit {ARCH}: {problem}")
+    model.load_state_dict(backbone, strict=False)
 
 
 def _load_head_if_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Keep a saved head when it has our shape (our own checkpoints); else the fresh one stays."""
+    """Keep a saved head when it has our shape (our own checkpoints, with or without --dropout);
+    else the fresh one stays."""
     ours = {k: v for k, v in model.state_dict().items() if _is_head(k)}
-    theirs = {k: v for k, v in state.items() if _is_head(k)}
+    theirs = {k: v for k, v in match_head_keys(state, model).items() if _is_head(k)}
     if set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours):
         model.load_state_dict(theirs, strict=False)
 
 
 def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Optional[str] = None) -> None:
-    """Load a full state dict (ours) strictly, with one line on a mismatch."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{source or 'weights'} do not fit this model: {str(e).splitlines()[1].strip()}") from None
+    """Load a full state dict (ours) strictly; a mismatch is one sentence (see describe_mismatch)."""
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise UserError(f"{source or 'weights'} do not fit this model: {problem}")
+    model.load_state_dict(state, strict=True)

@@ -33,6 +33,7 @@ class NonFiniteGuard:
         self.accelerator, self.policy, self.run_dir = accelerator, policy, run_dir
         self.epoch, self.steps, self.skipped_in_epoch = 0, 0, 0
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+        self._saved_buffers: Optional[list[torch.Tensor]] = None
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         self.epoch, self.steps, self.skipped_in_epoch = epoch, steps, 0
@@ -56,13 +57,25 @@ class NonFiniteGuard:
         if bad.numel():
             raise NonFiniteLoss(self._stop_message(int(bad.min()) + 1))
 
+    def protect(self, model: torch.nn.Module) -> None:
+        """--on-nan skip: before the forward pass of an optimizer step's first batch, keep a copy of
+        the buffers (BatchNorm running statistics), which a poisoned forward pass already changes."""
+        if self.policy == "skip" and self._saved_buffers is None:
+            self._saved_buffers = [b.detach().clone() for b in model.buffers()]
+
     def skip_update(self, model: torch.nn.Module) -> bool:
-        """--on-nan skip: True (skip optimizer.step) when the synced gradients are not all finite."""
-        if self.policy != "skip" or not self.accelerator.sync_gradients or self.accelerator.scaler is not None:
+        """--on-nan skip: True (skip optimizer.step) when the synced gradients are not all finite;
+        the buffers are then put back as they were before this step's batches."""
+        if self.policy != "skip" or not self.accelerator.sync_gradients:
+            return False
+        saved, self._saved_buffers = self._saved_buffers, None
+        if self.accelerator.scaler is not None:
             return False  # fp16's GradScaler already skips overflowing steps and rescales
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
             return False
+        if saved:
+            torch._foreach_copy_(list(model.buffers()), saved)
         self.skipped_in_epoch += 1
         return True
 

@@ -109,11 +109,10 @@ def build_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LambdaLR:
-    """One schedule for every group; with [backbone, head] groups and --freeze-backbone N, the
-    backbone's learning rate is 0 for the first N epochs."""
+    """One schedule for every group; with --freeze-backbone N, the backbone groups' learning rate
+    is 0 for the first N epochs (groups are named by recipe.parameter_groups)."""
     schedule = build_schedule(cfg, steps_per_epoch)
-    if len(optimizer.param_groups) == 1:
-        return LambdaLR(optimizer, schedule)
     backbone = copy.copy(schedule)
     backbone.frozen_steps = max(0, cfg.freeze_backbone) * steps_per_epoch
-    return LambdaLR(optimizer, [backbone, schedule] + [schedule] * (len(optimizer.param_groups) - 2))
+    return LambdaLR(optimizer, [backbone if group.get("name") == "backbone" else schedule
+                                for group in optimizer.param_groups])

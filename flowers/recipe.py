@@ -3,11 +3,11 @@ early stopping. Stateful pieces have state_dict/load_state_dict so exact resume 
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
 from flowers.config import TrainConfig
@@ -16,8 +16,9 @@ BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 
 def make_loss(cfg: TrainConfig) -> nn.Module:
-    """Cross-entropy with label smoothing; also takes the soft targets MixUp/CutMix produce."""
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    """Per-example cross-entropy with label smoothing (the training loop averages it over the
+    images that decoded); also takes the soft targets MixUp/CutMix produce."""
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
 
 
 def make_batch_transform(cfg: TrainConfig, num_classes: int) -> Optional[BatchTransform]:
@@ -48,18 +49,35 @@ def freeze_for_whole_run(cfg: TrainConfig) -> bool:
     return cfg.freeze_backbone == -1 or cfg.freeze_backbone >= cfg.epochs
 
 
+def _decays(param: nn.Parameter) -> bool:
+    """Weight decay for weight matrices and convolution kernels only: biases and normalisation
+    weights are 1-dimensional, and shrinking them towards 0 only hurts (as timm and the Hugging
+    Face scripts do)."""
+    return param.ndim > 1
+
+
 def parameter_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
-    """[backbone, head] groups (head only when the backbone stays frozen for the whole run).
+    """Parameter groups named backbone/head, each split into weight-decayed and not-decayed
+    parameters (head groups only when the backbone stays frozen for the whole run). The head's
+    groups come last.
 
     Freezing for the first N epochs is done by the schedule (backbone learning rate 0, see
     optim.build_scheduler), so it resumes exactly and needs no change to a DDP-wrapped model; freezing for
     the whole run turns the backbone's gradients off, which is also faster.
     """
+    parts = {"head": head_parameters(model)}
     if freeze_for_whole_run(cfg):
         for p in backbone_parameters(model):
             p.requires_grad_(False)
-        return [{"params": head_parameters(model)}]
-    return [{"params": backbone_parameters(model)}, {"params": head_parameters(model)}]
+    else:
+        parts = {"backbone": backbone_parameters(model), **parts}
+    groups = []
+    for name, params in parts.items():
+        for decayed in (True, False):
+            chosen = [p for p in params if _decays(p) == decayed]
+            if chosen:
+                groups.append({"params": chosen, "name": name, "weight_decay": cfg.weight_decay if decayed else 0.0})
+    return groups
 
 
 class EarlyStopping:
@@ -86,30 +104,52 @@ class EarlyStopping:
 
 
 class WeightEMA:
-    """Exponential moving average of a model's weights: ema = decay * ema + (1 - decay) * weights.
+    """Exponential moving average of a model's weights and buffers (BatchNorm running statistics),
+    with torch's AveragedModel doing the bookkeeping.
 
-    Floating-point parameters and buffers (BatchNorm running statistics) are averaged; integer
-    buffers (num_batches_tracked) are copied. Updated after every optimizer step.
+    The decay warms up: after t updates it is min(decay, (1 + t) / (10 + t)), so the average
+    forgets the initial weights within the first few dozen steps instead of keeping decay**steps
+    of them (17% after 1,775 steps at 0.999). Integer buffers (num_batches_tracked) are copied.
+    Build it from the plain model (not DDP-wrapped, not compiled) and update it from
+    `accelerator.unwrap_model(model, keep_torch_compile=False)`, so its keys are the model's own.
     """
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=True).eval()
+        self.module = self.averaged.module
+        self._weight = 1.0
+
+    def decay_at(self, updates: int) -> float:
+        """The decay applied by the update that follows `updates` earlier ones."""
+        return min(self.decay, (1 + updates) / (10 + updates))
+
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _num_averaged) -> None:
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], self._weight)
+        else:
+            torch._foreach_copy_(averaged, current)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        current = model.state_dict()
-        for name, average in self.module.state_dict().items():
-            value = current[name].detach()
-            if average.dtype.is_floating_point:
-                average.lerp_(value.to(average.dtype), 1 - self.decay)
-            else:
-                average.copy_(value)
+        """After an optimizer step. The decay is computed on the host from our own count: reading
+        AveragedModel's on-device counter would wait for the device every step."""
+        self._weight = 1 - self.decay_at(self.updates)
+        self.averaged.update_parameters(model)
+        self.updates += 1
+
+    def to(self, device) -> "WeightEMA":
+        self.averaged.to(device)
+        return self
 
     def state_dict(self) -> dict:
-        return self.module.state_dict()
+        return {"averaged": self.averaged.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+        if "averaged" not in state:  # saved before AveragedModel (no warmup): the module's weights alone
+            self.module.load_state_dict(state)
+            self.averaged.n_averaged.fill_(1)
+            self.updates = 10**9  # past any warmup: decay_at() is the configured decay
+            return
+        self.averaged.load_state_dict(state["averaged"])
+        self.updates = int(state["updates"])

@@ -64,16 +64,16 @@ def find_run(resume: str, output_dir: str) -> Path:
     """The run folder to resume: 'latest' (newest last/ under output_dir), a run folder, or its last/."""
     if resume == "latest":
         try:
-            last = checkpoint.resolve("last", output_dir)
+            last = checkpoint.resolve("last", output_dir).with_name("last")  # (it may have found last.old)
         except UserError:
             raise UserError(f"--resume: no run with a last/ checkpoint under {output_dir}/ "
                             "(pass --output-dir or the run folder: --resume DIR)") from None
     else:
         path = Path(resume).expanduser()
         last = path if (path / checkpoint.META_FILE).is_file() else path / "last"
-        checkpoint._recover(last)
-        if not (last / checkpoint.META_FILE).is_file():
-            raise UserError(f"--resume {resume}: no run with a last/ checkpoint there")
+    checkpoint._recover(last)  # resuming makes this process the run's writer: it may finish a killed save
+    if not (last / checkpoint.META_FILE).is_file():
+        raise UserError(f"--resume {resume}: no run with a last/ checkpoint there")
     if not (last / STATE_DIR).is_dir():
         raise UserError(f"--resume: {last} holds weights but no {STATE_DIR}/ (saved by an older version?); "
                         f"start a new run from its weights with --init-from {last}")
@@ -164,24 +164,12 @@ def resolve_init(init_from: str, output_dir: str) -> Path:
     return path.resolve()
 
 
-def _match_head_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A head saved with or without dropout (fc.1.* vs fc.*) fits a model built the other way."""
-    with_dropout = "fc.1.weight" in model.state_dict()
-    renamed = {}
-    for key, value in state.items():
-        if key.startswith("fc."):
-            key = "fc." + key.removeprefix("fc.1.").removeprefix("fc.")
-            key = key.replace("fc.", "fc.1.", 1) if with_dropout else key
-        renamed[key] = value
-    return renamed
-
-
 def load_init_weights(model: nn.Module, path: Path, class_names: list[str]) -> dict[str, Any]:
     """Load a checkpoint's weights into `model`; returns what the new run's metadata records."""
-    from flowers.model import load_model_weights
+    from flowers.model import load_model_weights, match_head_keys
 
     meta = checkpoint.load_meta(path)
-    state = _match_head_keys(checkpoint.load_weights(path), model)
+    state = match_head_keys(checkpoint.load_weights(path), model)
     same_classes = meta.get("class_names") == class_names
     if not same_classes:  # other classes: keep the backbone, train a new head
         head = {k: v for k, v in model.state_dict().items() if k.startswith("fc.")}
@@ -197,9 +185,11 @@ def load_init_weights(model: nn.Module, path: Path, class_names: list[str]) -> d
 
 class StopOnSignal:
     """While active, the first SIGINT/SIGTERM only sets `signum` (training stops after the current
-    optimizer step and saves last/); a second SIGINT interrupts at once."""
+    optimizer step, or under DDP within CHECK_EVERY batches, and saves last/); a second SIGINT
+    interrupts at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    CHECK_EVERY = 10  # batches between the processes' checks under DDP (see requested)
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -222,9 +212,16 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        """True on every process when any process got a signal (one collective per step under DDP)."""
+    def requested(self, accelerator: Accelerator, step: Optional[int] = None) -> bool:
+        """True on every process when any process got a signal.
+
+        One process: looked up every step, for free. Several: agreeing takes a collective and a
+        read of its result, which makes the host wait until the GPU has finished its queued work;
+        so mid-epoch (`step` given) they agree every CHECK_EVERY steps only (the same steps on
+        every process), and at the end of an epoch (no `step`) always."""
         if accelerator.num_processes == 1:
             return self.signum is not None
+        if step is not None and (step + 1) % self.CHECK_EVERY:
+            return False
         flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -22,15 +22,26 @@ def has_gpu() -> bool:
             or bool(xpu and xpu.is_available()))
 
 
+def dynamo_backend(compile: bool) -> Optional[str]:
+    """torch.compile's backend for --compile: the one `accelerate launch --dynamo_backend` chose
+    (ACCELERATE_DYNAMO_BACKEND), else inductor. Without --compile, None leaves it to the launcher."""
+    if not compile:
+        return None
+    chosen = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    return "inductor" if chosen == "no" else chosen
+
+
 def make_accelerator(seed: int, grad_accum_steps: int = 1, log_with: Optional[list[str]] = None,
-                     project_dir: Optional[str] = None, compile: bool = False) -> Accelerator:
-    """One Accelerator for CPU, one GPU or many; precision comes from `accelerate launch`/config."""
+                     project_dir: Optional[str] = None, compile: bool = False,
+                     mixed_precision: Optional[str] = None) -> Accelerator:
+    """One Accelerator for CPU, one GPU or many. `seed` seeds the shuffle order; precision comes
+    from `mixed_precision` when given, else from `accelerate launch`/its config."""
     accelerator = Accelerator(
         # With no GPU, force the CPU backend: a multi-process launch then really runs DDP over
         # gloo (without this, a MULTI_GPU config with use_cpu silently runs N separate 1-process jobs).
         cpu=not has_gpu(),
-        # None leaves the choice to `accelerate launch --dynamo_backend`.
-        dynamo_backend="inductor" if compile else None,
+        mixed_precision=mixed_precision,
+        dynamo_backend=dynamo_backend(compile),
         gradient_accumulation_steps=grad_accum_steps,
         log_with=log_with or None,
         project_dir=project_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import math
 import signal
 from pathlib import Path
@@ -18,6 +19,7 @@ from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
 from flowers.data import Splits, build_loaders, load_splits, resized_splits, resolve_data
 from flowers.datacheck import warn_about_data
+from flowers.errors import UserError
 from flowers.engine import EpochStats, evaluate, train_one_epoch
 from flowers.model import ARCH, build_model, initial_state
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
@@ -30,15 +32,36 @@ from flowers.runtime import environment, make_accelerator
 from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size
 
 
-def _run_name(accelerator: Accelerator, cfg: TrainConfig) -> str:
-    """The same run name on every process (a timestamp from the main process by default)."""
-    name = [cfg.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
-    broadcast_object_list(name)
-    return name[0]
+def _create_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> Path:
+    """The new run's folder, created on the main process and its name shared with every process.
+
+    An explicit --run-name that exists is refused (nothing of that run is overwritten); a default
+    timestamp name that exists (two runs started in the same second) gets a -2, -3, ... suffix.
+    mkdir without exist_ok claims a name atomically, so two runs never share a folder."""
+    result: list = [None]
+    if accelerator.is_main_process:
+        output_dir = Path(cfg.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        base = cfg.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1, 1000):
+            name = base if attempt == 1 else f"{base}-{attempt}"
+            try:
+                (output_dir / name).mkdir()
+                result[0] = name
+                break
+            except FileExistsError:
+                if cfg.run_name:
+                    result[0] = UserError(f"--run-name {cfg.run_name}: {output_dir / name} already exists; continue "
+                                          f"that run with --resume {output_dir / name}, or choose another name")
+                    break
+    broadcast_object_list(result)  # an error too: every process raises it, none waits for the others
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return Path(cfg.output_dir) / result[0]
 
 
 def checkpoint_meta(cfg: TrainConfig, splits: Splits, run_name: str, epoch: int, step: int,
-                    metrics: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+                    metrics: dict[str, Any], env: dict[str, Any], shuffle_seed: int) -> dict[str, Any]:
     """Everything needed to use a checkpoint on its own (see checkpoint.py)."""
     return {
         "format_version": 1,
@@ -49,7 +72,8 @@ def checkpoint_meta(cfg: TrainConfig, splits: Splits, run_name: str, epoch: int,
         "eval_resize": eval_size(cfg.image_size),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "data": {"source": splits.source, "split_seed": cfg.seed, "val_split": cfg.val_split,
-                 "train_size": len(splits.train), "val_size": len(splits.val)},
+                 "train_size": len(splits.train), "val_size": len(splits.val), "shuffle_seed": shuffle_seed,
+                 "val_from": splits.val_from},
         "run_name": run_name,
         "epoch": epoch,
         "global_step": step,
@@ -78,21 +102,27 @@ def fit(cfg: TrainConfig) -> Path:
     if init_path:
         cfg = dataclasses.replace(cfg, init_from=str(init_path))
     switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
-    accelerator = make_accelerator(cfg.seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
+    saved_meta = checkpoint.load_meta(resume_dir / "last") if resume_dir else {}
+    shuffle_seed = saved_meta.get("data", {}).get("shuffle_seed", cfg.seed) if resume_dir else data_order_seed(cfg.seed)
+    accelerator = make_accelerator(shuffle_seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
                                    project_dir=cfg.output_dir, compile=cfg.compile)
+    if resume_dir:
+        check_same_process_count(saved_meta, accelerator.num_processes, resume_dir)
     set_seed(cfg.seed)
-    # before the data: a missing download fails at once. Resuming restores the weights from last/,
-    # and --init-from loads its own, so then the initial ones are not needed.
-    init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
-    with accelerator.main_process_first():  # the main process downloads/caches, the others reuse
+    # Per-node work (downloads, caches) is done by each node's local main process first; the
+    # node's other processes then reuse it. Resuming restores the weights from last/, and
+    # --init-from loads its own, so then the initial ones are not needed.
+    with accelerator.local_main_process_first():
+        init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
         splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict)
-        warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
         if cfg.cache_resized:
-            splits = resized_splits(splits, eval_size(cfg.image_size))
-    run_name = _run_name(accelerator, cfg)
-    run_dir = Path(cfg.output_dir) / run_name
+            cached = resized_splits(splits, eval_size(cfg.image_size))
+    warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
+    if cfg.cache_resized:
+        splits = cached
+    run_dir = resume_dir or _create_run_dir(accelerator, cfg)
+    run_name = run_dir.name
     if accelerator.is_main_process and not resume_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     accelerator.print(f"data: {splits.source}  classes: {', '.join(splits.class_names)}  "
                       f"train {len(splits.train)} / val {len(splits.val)} images  "
@@ -101,22 +131,32 @@ def fit(cfg: TrainConfig) -> Path:
 
     model = build_model(len(splits.class_names), init_state, dropout=cfg.dropout)
     if resume_dir:
-        init_info = checkpoint.load_meta(resume_dir / "last").get("init_from")
+        init_info = saved_meta.get("init_from")
     else:
         init_info = load_init_weights(model, init_path, splits.class_names) if init_path else None
+    # Dropout masks and MixUp/CutMix draws come from the global RNG: each process needs its own
+    # stream (the split, initial weights, data order and augmentation do not use it).
+    seed_process_rng(cfg.seed, accelerator.process_index)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
-    on_gpu = accelerator.device.type == "cuda"
-    train_loader, val_loader, _ = build_loaders(cfg, splits, accelerator.num_processes, on_gpu)
+    # the EMA copies the plain model, before it is wrapped for DDP or compiled
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    train_loader, val_loader, _ = build_loaders(cfg, splits, accelerator.num_processes, accelerator.device.type)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    def plain_model() -> torch.nn.Module:
+        """The model without its DDP and torch.compile wrappers: the keys every checkpoint holds."""
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     env = environment(accelerator, model)
     progress, stopper = Progress(), EarlyStopping(cfg.early_stopping_patience)
-    ema = WeightEMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
     accelerator.register_for_checkpointing(scheduler, progress, stopper, *([ema] if ema else []))
-    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float32)
     if resume_dir:
         load_last(accelerator, run_dir, progress, totals)
         if accelerator.is_main_process:
@@ -136,12 +176,13 @@ def fit(cfg: TrainConfig) -> Path:
     predictions: dict[str, Any] = {}  # validation outputs of the best (and the last) epoch, for tracking
 
     def meta(metrics: dict) -> dict:
-        return {**checkpoint_meta(cfg, splits, run_name, progress.epoch, progress.global_step, metrics, env),
+        return {**checkpoint_meta(cfg, splits, run_name, progress.epoch, progress.global_step, metrics, env,
+                                  shuffle_seed),
                 "init_from": init_info}
 
     def save_last() -> None:
-        save_last_state(accelerator, run_dir, progress, totals,
-                        lambda: accelerator.unwrap_model(model).state_dict(), meta(progress.last_metrics))
+        save_last_state(accelerator, run_dir, progress, totals, lambda: plain_model().state_dict(),
+                        meta(progress.last_metrics))
 
     loss_fn = make_loss(cfg)
     mix = make_batch_transform(cfg, len(splits.class_names))
@@ -152,17 +193,19 @@ def fit(cfg: TrainConfig) -> Path:
             last_batch = progress.batches_done + len(loader) - 1
             guard.start_epoch(epoch, last_batch + 1)
 
-            def on_step(step: int) -> bool:
+            def on_step(step: int, stepped: bool) -> bool:
                 """After each batch: count optimizer steps, update the EMA, save/stop when asked."""
                 if not accelerator.sync_gradients:
                     return False
-                progress.batches_done, progress.global_step = step + 1, progress.global_step + 1
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model))
+                progress.batches_done = step + 1
+                if stepped:
+                    progress.global_step += 1
+                    if ema is not None:
+                        ema.update(plain_model())
                 if step == last_batch:  # the epoch's own save follows
                     return False
-                stopping = stop.requested(accelerator)
-                if stopping or (cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0):
+                stopping = stop.requested(accelerator, step)
+                if stopping or (stepped and cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0):
                     guard.check()  # never save weights a NaN has reached
                     save_last()
                 return stopping
@@ -177,7 +220,7 @@ def fit(cfg: TrainConfig) -> Path:
             if progress.batches_done <= last_batch:  # on_step stopped the epoch early: a signal
                 _exit_interrupted(accelerator, stop.signum, run_dir, epoch, progress.batches_done, last_batch + 1)
             should_stop = _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper,
-                                     train, progress.epoch_lr, epoch, meta, save_last, predictions)
+                                     train, progress.epoch_lr, epoch, meta, save_last, predictions, plain_model)
             if guard.epoch_summary():
                 accelerator.print(guard.epoch_summary())
             if stop.requested(accelerator) and not progress.finished:
@@ -196,8 +239,33 @@ def fit(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def data_order_seed(seed: int) -> int:
+    """The seed of the shuffle order (Accelerate's seedable sampler draws epoch e's order from
+    data_seed + e). Hashed, so that the orders of seeds s and s + 1 are not the same ones shifted by
+    an epoch, as they were when the run seed was used directly (runs saved then keep theirs)."""
+    return int.from_bytes(hashlib.sha256(f"flowers data order {seed}".encode()).digest()[:4], "little")
+
+
+def seed_process_rng(seed: int, process_index: int) -> None:
+    """The global RNG stream of this process: the run seed's own on the first process (a
+    one-process run draws what it always drew), a seed derived from (seed, process) on the others."""
+    if process_index > 0:
+        set_seed(int.from_bytes(hashlib.sha256(f"flowers process {seed} {process_index}".encode()).digest()[:4],
+                                "little"))
+
+
+def check_same_process_count(saved_meta: dict, processes: int, run_dir: Path) -> None:
+    """Resuming with another number of processes would change the batches each sees and the
+    optimizer steps per epoch: refuse it."""
+    saved = (saved_meta.get("environment") or {}).get("num_processes")
+    if saved is not None and int(saved) != processes:
+        raise UserError(f"--resume {run_dir}: the run was trained with {saved} process(es) and this launch has "
+                        f"{processes}; resume it with {saved} (accelerate launch --num_processes {saved}), or start "
+                        f"a new run from its weights with --init-from {run_dir / 'last'}")
+
+
 def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper, train, lr, epoch,
-               meta, save_last, predictions) -> bool:
+               meta, save_last, predictions, plain_model) -> bool:
     """Validate (and the EMA), save best/ema/last, log; True when early stopping says stop."""
     from flowers.metrics import compute_metrics  # not at the top: importing evaluate (~2 s) would delay the first step
     num_classes = len(splits.class_names)
@@ -230,10 +298,10 @@ def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progre
     save_last()
     if accelerator.is_main_process:
         if is_best:
-            checkpoint.save_checkpoint(run_dir / "best", accelerator.unwrap_model(model).state_dict(),
+            checkpoint.save_checkpoint(run_dir / "best", plain_model().state_dict(),
                                        meta(progress.last_metrics))
         if ema_is_best:
-            checkpoint.save_checkpoint(run_dir / "ema", ema.state_dict(), meta(progress.last_metrics))
+            checkpoint.save_checkpoint(run_dir / "ema", ema.module.state_dict(), meta(progress.last_metrics))
     tracking.log_epoch(accelerator, run_dir, epoch, epoch_metrics)
     line = _summary_line(epoch, cfg.epochs, train, val, lr, epoch_metrics["epoch_time_s"], is_best)
     if ema is not None:

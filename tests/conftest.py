@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = next((p / "shared" / "data" / "flower_dataset" for p in REPO.parents
                   if (p / "shared" / "data" / "flower_dataset").is_dir()), REPO / "missing")
 CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +80,59 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+# Three classes a small network tells apart at once: their colours (noisy, so no two photos are equal).
+COLOURS = {"blue": (40, 70, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def make_colour_dataset(root: Path, per_class: int = 18, shuffle_labels: bool = False, seed: int = 0) -> Path:
+    """`per_class` generated 40x40 JPEGs per colour class in COLOURS.
+
+    shuffle_labels: the same images in random class folders, every folder holding each colour
+    equally often, so a folder's name says nothing about the pixels (a negative control).
+    """
+    assert per_class % len(COLOURS) == 0 or not shuffle_labels, "per_class must split evenly over the classes"
+    pixels, order = np.random.default_rng(seed), random.Random(seed)
+    for colour, rgb in COLOURS.items():
+        labels = [colour] * per_class
+        if shuffle_labels:
+            labels = list(COLOURS) * (per_class // len(COLOURS))
+            order.shuffle(labels)
+        for i, label in enumerate(labels):
+            noisy = np.clip(np.array(rgb) + pixels.integers(-30, 31, (40, 40, 3)), 0, 255).astype(np.uint8)
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noisy).save(root / label / f"{colour}_{i}.jpg", quality=90)
+    return root
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The run's history.jsonl: one row per finished epoch."""
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def interrupt_when(cmd: list[str], line_start: str, sig: int = signal.SIGTERM, env: dict | None = None,
+                   timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository, send `sig` to it once a line of its output starts with
+    `line_start`, and wait; returns the process with its whole stdout (stderr is dropped: progress bars)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith(line_start):
+            proc.send_signal(sig)
+            break
+    output.extend(proc.stdout)
+    proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(output), "")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a DDP launch's --main_process_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 TINY_TRAIN = ("--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to", "none",

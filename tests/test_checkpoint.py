@@ -43,7 +43,9 @@ def test_interrupted_swap_is_recovered(tmp_path):
     state = build_model(4, "none").state_dict()
     saved = checkpoint.save_checkpoint(tmp_path / "run" / "best", state, _meta(epoch=1))
     saved.rename(saved.with_name("best.old"))  # as if killed between the two renames
-    assert checkpoint.resolve("best", str(tmp_path)) == saved
+    assert checkpoint.resolve("best", str(tmp_path)) == saved.with_name("best.old")  # read in place
+    checkpoint.save_checkpoint(saved, state, _meta(epoch=2))  # the trainer's next save repairs it
+    assert checkpoint.resolve("best", str(tmp_path)) == saved and not saved.with_name("best.old").exists()
 
 
 def test_no_runs_is_one_line(tmp_path):

@@ -11,10 +11,9 @@ import yaml
 
 from flowers.config import TrainConfig, parse
 from flowers.errors import UserError
-from flowers.model import build_model
+from flowers.model import build_model, match_head_keys
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
-from flowers.resume import _match_head_keys
 
 
 def _cfg(**values) -> TrainConfig:
@@ -161,6 +160,6 @@ def test_dropout_sits_before_the_head_and_a_saved_head_fits_either_way():
     assert not torch.equal(dropped(x), dropped(x))  # dropout is active in training
     dropped.eval()
     assert torch.equal(dropped(x), dropped(x))
-    dropped.load_state_dict(_match_head_keys(plain.state_dict(), dropped))
-    plain.load_state_dict(_match_head_keys(dropped.state_dict(), plain))
+    dropped.load_state_dict(match_head_keys(plain.state_dict(), dropped))
+    plain.load_state_dict(match_head_keys(dropped.state_dict(), plain))
     assert torch.equal(plain.fc.weight, dropped.fc[1].weight)

@@ -1,0 +1,257 @@
+"""Bugs a code review of c880512 found (issue 14): each test here failed on that commit."""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+from safetensors.torch import save_file
+
+from conftest import REPO, TINY_TRAIN, make_dataset, run_cli
+from flowers import checkpoint, data
+from flowers.config import TrainConfig
+from flowers.datacheck import duplicate_groups
+from flowers.errors import UserError
+from flowers.imagefiles import load_rgb
+from flowers.model import build_model, load_model_weights, load_state_dict_file
+from flowers.transforms import train_transform
+
+
+# ---- 1. Python 3.10: no hashlib.file_digest ---------------------------------------------------------
+
+def test_duplicate_check_hashes_files_without_python_311s_file_digest(tmp_path, monkeypatch):
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)  # as on Python 3.10
+    for name, colour in (("a.ppm", (255, 0, 0)), ("b.ppm", (255, 0, 0)), ("c.ppm", (0, 0, 255))):
+        PILImage.new("RGB", (8, 8), colour).save(tmp_path / name)
+    assert (tmp_path / "a.ppm").stat().st_size == (tmp_path / "c.ppm").stat().st_size  # so both get hashed
+    ds = Dataset.from_dict({"image": [str(tmp_path / n) for n in ("a.ppm", "b.ppm", "c.ppm")], "label": [0, 1, 1]},
+                           features=Features({"image": Image(), "label": ClassLabel(names=["x", "y"])}))
+    assert duplicate_groups([ds]) == [[("a.ppm", 0), ("b.ppm", 1)]]
+
+
+# ---- 2. large seeds ---------------------------------------------------------------------------
+
+def _augmented(seed: int, epoch: int, index: int, images: Dataset) -> torch.Tensor:
+    augmentation = data.SeededAugmentation(images, train_transform(32), seed)
+    augmentation.epoch = epoch
+    return augmentation[index]["pixel_values"]
+
+
+def _drawn_with(generator_seed: int, images: Dataset, index: int) -> torch.Tensor:
+    """What the training transform gives when the generator is seeded with exactly this value."""
+    entry = images.cast_column("image", Image(decode=False))[index]["image"]
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(generator_seed)
+        return train_transform(32)(load_rgb(entry))
+
+
+def test_large_seeds_augment_and_seeds_that_worked_draw_what_they_drew(tmp_path):
+    images, _ = data.full_dataset(str(make_dataset(tmp_path / "flowers", per_class=1)))
+    # seed 42, epoch 5, image 3: the c880512 formula, unreduced
+    assert torch.equal(_augmented(42, 5, 3, images), _drawn_with((42 * 1_000_003 + 5) * 10_000_019 + 3, images, 3))
+    # the largest seed whose draws stay below 2**64 keeps them too
+    largest_old = (2**64 // 10_000_019) // 1_000_003 - 1
+    assert torch.equal(_augmented(largest_old, 2, 4, images),
+                       _drawn_with((largest_old * 1_000_003 + 2) * 10_000_019 + 4, images, 4))
+    for seed in (1_844_666, 2**32 - 1):  # crashed with "Overflow when unpacking long"
+        out = _augmented(seed, 3, 2, images)
+        assert out.shape == (3, 32, 32)
+        assert torch.equal(out, _drawn_with(((seed * 1_000_003 + 3) * 10_000_019 + 2) % 2**64, images, 2))
+
+
+def test_the_largest_accepted_seed_trains(flower_dir, tmp_path):
+    out = tmp_path / "out"
+    run_cli("python", "train.py", "--data", str(flower_dir), "--output-dir", str(out), "--run-name", "big-seed",
+            "--epochs", "1", "--seed", str(2**32 - 1), *TINY_TRAIN)
+    assert checkpoint.load_meta(out / "big-seed" / "best")["data"]["split_seed"] == 2**32 - 1
+
+
+# ---- 7. a Hub dataset's own validation split ------------------------------------------------------
+
+def _png(index: int, label: int) -> dict:
+    buffer = io.BytesIO()
+    colour = [40 + (index * 13) % 60] * 3
+    colour[label] = 200  # class = the dominant channel
+    PILImage.new("RGB", (40, 40), tuple(colour)).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def _hub_copy(root: Path, splits: dict[str, int]) -> Path:
+    """A local copy of a Hub dataset as the Hub stores it: data/<split>-00000-of-00001.parquet, with
+    Hub-style column names (img, fine_label); `splits` maps split names to images per class."""
+    features = Features({"img": Image(), "fine_label": ClassLabel(names=["red", "green", "blue"])})
+    (root / "data").mkdir(parents=True)
+    start = 0
+    for split, per_class in splits.items():
+        rows = [(start + i, label) for label in range(3) for i in range(per_class)]
+        start += per_class
+        Dataset.from_dict({"img": [_png(i, label) for i, label in rows], "fine_label": [label for _, label in rows]},
+                          features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_a_hub_datasets_validation_split_is_used_recorded_and_rebuilt_by_eval(tmp_path):
+    repo = _hub_copy(tmp_path / "hub-copy", {"train": 6, "validation": 2, "test": 3})
+    splits = data.load_splits(str(repo), 0.2, seed=0)
+    assert (splits.val_from, len(splits.train), len(splits.val)) == ("validation", 18, 6)
+    assert splits.class_names == ["red", "green", "blue"]
+    # a checkpoint saved before val_from was recorded: train was split, and eval must split it the same way
+    old_style = data.load_splits(str(repo), 0.2, seed=0, val_from=None)
+    assert (old_style.val_from, len(old_style.train), len(old_style.val)) == (None, 14, 4)
+
+    out = tmp_path / "out"
+    run_cli("python", "train.py", "--data", str(repo), "--output-dir", str(out), "--run-name", "hub", "--epochs", "1",
+            *TINY_TRAIN)
+    meta = checkpoint.load_meta(out / "hub" / "best")
+    assert meta["data"]["val_from"] == "validation" and meta["data"]["val_size"] == 6
+    proc = run_cli("python", "eval.py", "--ckpt", "best", "--output-dir", str(out), "--workers", "0")
+    assert "matches the accuracy recorded at training time" in proc.stdout, proc.stdout
+    results = json.loads((out / "hub" / "eval-best-val" / "results.json").read_text())
+    assert results["metrics"]["num_samples"] == 6
+
+
+def test_a_test_split_is_never_used_for_model_selection(tmp_path):
+    repo = _hub_copy(tmp_path / "hub-copy", {"train": 5, "test": 4})
+    splits = data.load_splits(str(repo), 0.2, seed=0)
+    assert (splits.val_from, len(splits.train), len(splits.val)) == (None, 12, 3)  # held out of train
+
+
+# ---- 8. declared minimum versions -------------------------------------------------------------
+
+# The first release with what we use (checked in each release's source; see setup.cfg):
+#   accelerate 1.1.0: DataLoaderConfiguration(data_seed=...) (1.0.1 has no such field)
+#   torch 2.5: torch.onnx.export(..., dynamo=True, external_data=..., dynamic_shapes=...) (2.4 lacks them)
+NEEDED = {"accelerate": (1, 1), "torch": (2, 5)}
+
+
+def test_declared_minimum_versions_have_the_apis_we_call():
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    declared = {}
+    for line in cfg["options"]["install_requires"].split("\n"):
+        match = re.fullmatch(r"\s*([\w-]+)>=([\d.]+)\s*", line)
+        if match:
+            declared[match[1]] = tuple(int(part) for part in match[2].split("."))
+    for package, needed in NEEDED.items():
+        assert declared[package] >= needed, f"{package}>={declared[package]} declared, but we need {needed}"
+
+
+# ---- 10. reading a checkpoint while a trainer saves it --------------------------------------------
+
+def _meta(epoch: int) -> dict:
+    return {"num_classes": 4, "class_names": list("abcd"), "config": {}, "epoch": epoch}
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_resolving_between_a_saves_two_renames_changes_nothing_and_the_save_succeeds(tmp_path, monkeypatch):
+    out = tmp_path / "outputs"
+    state = build_model(4, "none").state_dict()
+    best = checkpoint.save_checkpoint(out / "run" / "best", state, _meta(epoch=1))
+
+    # the in-between state: best/ renamed to best.old/, the new best/ not yet in place
+    best.rename(best.with_name("best.old"))
+    before = _listing(out)
+    for ckpt in ("best", str(out / "run"), str(best)):
+        found = checkpoint.resolve(ckpt, str(out))
+        assert found == best.with_name("best.old") and checkpoint.load_model(found)[1]["epoch"] == 1
+    assert _listing(out) == before  # eval.py, predict and export only read
+    best.with_name("best.old").rename(best)
+
+    # an eval resolving `best` exactly between the trainer's two renames
+    real_rename, seen = os.rename, []
+
+    def rename_then_eval(src, dst):
+        real_rename(src, dst)
+        if str(dst).endswith("best.old"):
+            seen.append(checkpoint.resolve("best", str(out)))
+    monkeypatch.setattr(os, "rename", rename_then_eval)
+    checkpoint.save_checkpoint(best, state, _meta(epoch=2))
+    assert seen == [best.with_name("best.old")]
+    assert checkpoint.load_meta(checkpoint.resolve("best", str(out)))["epoch"] == 2
+    assert sorted(p.name for p in (out / "run").iterdir()) == ["best"]
+
+
+# ---- 11. smaller ones -------------------------------------------------------------------------------
+
+def test_weights_from_a_dropout_checkpoint_keep_their_head(tmp_path):
+    trained = build_model(5, "none", dropout=0.3)
+    save_file(trained.state_dict(), str(tmp_path / "dropout.safetensors"))
+    plain = build_model(5, str(tmp_path / "dropout.safetensors"))
+    assert torch.equal(plain.fc.weight, trained.fc[1].weight) and torch.equal(plain.fc.bias, trained.fc[1].bias)
+    save_file(plain.state_dict(), str(tmp_path / "plain.safetensors"))  # and the other way round
+    assert torch.equal(build_model(5, str(tmp_path / "plain.safetensors"), dropout=0.3).fc[1].weight, plain.fc.weight)
+
+
+def test_weights_that_do_not_fit_are_described_in_one_sentence():
+    from torchvision.models import resnet34
+
+    model = build_model(5, "none")
+    with pytest.raises(UserError) as deeper:
+        load_model_weights(model, resnet34().state_dict(), source="w.pth")
+    message = str(deeper.value)
+    assert "\n" not in message and len(message) < 400, message  # c880512: one 'line' of 3,000+ characters
+    assert re.search(r"\b96 unexpected keys \(e\.g\. layer1\.2\.", message), message
+    assert "2 of another shape (e.g. fc.weight [1000, 512] instead of [5, 512]" in message
+    assert "likely cause: weights of another architecture than resnet18" in message
+
+    other_classes = {**model.state_dict(), "fc.weight": torch.zeros(3, 512), "fc.bias": torch.zeros(3)}
+    with pytest.raises(UserError, match="likely cause: trained for another number of classes"):
+        load_model_weights(model, other_classes)
+
+
+def test_resume_works_after_the_original_weights_file_moved(tmp_path):
+    weights = tmp_path / "start.pth"
+    torch.save(build_model(5, "none").state_dict(), weights)
+    data_dir, out = make_dataset(tmp_path / "flowers", per_class=4), tmp_path / "out"
+    cmd = [sys.executable, "train.py", "--data", str(data_dir), "--output-dir", str(out), "--run-name", "cut",
+           "--epochs", "2", *TINY_TRAIN, "--batch-size", "4", "--weights", str(weights)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2  train_loss"):
+            proc.send_signal(signal.SIGTERM)  # stops in epoch 2 with a resumable last/
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=600) == 0
+    assert checkpoint.load_meta(out / "cut" / "last")["epoch"] == 1
+    shutil.move(weights, tmp_path / "elsewhere.pth")
+
+    resumed = run_cli("python", "train.py", "--resume", str(out / "cut"))
+    assert "resuming" in resumed.stdout
+    assert checkpoint.load_meta(out / "cut" / "last")["epoch"] == 2
+    assert TrainConfig(resume=str(out / "cut"), weights=str(weights)).weights == str(weights)  # not checked
+
+
+def test_cpu_training_gets_one_worker_per_two_cores_beyond_two(monkeypatch):
+    for cores, expected in ((2, 1), (8, 4), (32, 16), (64, 16)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert data.default_workers(1, "cpu") == expected, cores
+    assert data.default_workers(2, "cpu") == 16  # 64 cores, 2 processes
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_of_compiled_and_ddp_wrapped_models_load(tmp_path, prefix, suffix):
+    model = build_model(5, "none")
+    wrapped = {prefix + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / f"wrapped{suffix}"
+    save_file(wrapped, str(path)) if suffix == ".safetensors" else torch.save(wrapped, path)
+    assert set(load_state_dict_file(str(path))) == set(model.state_dict())
+    loaded = build_model(5, str(path))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
