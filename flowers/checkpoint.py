@@ -181,13 +181,27 @@ def load_meta(path: Path) -> dict[str, Any]:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, keyed as the plain model's (see without_wrapper_prefixes)."""
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"checkpoint {path} is missing {WEIGHTS_FILE}")
     try:
-        return load_file(str(weights))
+        return without_wrapper_prefixes(load_file(str(weights)))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights}: not a valid safetensors file ({_first_line(e)})") from None
+
+
+# Key prefixes that wrappers add: DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`), in
+# any order (`module._orig_mod.`). Checkpoints of --compile runs saved before this version have them.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def without_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def plain(key: str) -> str:
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+    return {plain(key): value for key, value in state.items()}
 
 
 def _first_line(e: BaseException) -> str:

@@ -118,6 +118,7 @@ class WeightEMA:
         self.decay, self.updates = decay, 0
         self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=True).eval()
         self.module = self.averaged.module
+        self.module.requires_grad_(False)
         self._weight = 1.0
 
     def decay_at(self, updates: int) -> float:
@@ -131,9 +132,16 @@ class WeightEMA:
             torch._foreach_copy_(averaged, current)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, distributed: bool = False) -> None:
         """After an optimizer step. The decay is computed on the host from our own count: reading
-        AveragedModel's on-device counter would wait for the device every step."""
+        AveragedModel's on-device counter would wait for the device every step.
+
+        `distributed` (DDP): the parameters are the same on every process, but each process's
+        BatchNorm statistics saw only its own batch. DDP gives every process the first one's at
+        the start of the next forward pass (broadcast_buffers); doing that now, before averaging,
+        keeps the average the same on every process, at the cost of one broadcast per step."""
+        if distributed:
+            _broadcast_buffers_from_main(model)
         self._weight = 1 - self.decay_at(self.updates)
         self.averaged.update_parameters(model)
         self.updates += 1
@@ -153,3 +161,14 @@ class WeightEMA:
             return
         self.averaged.load_state_dict(state["averaged"])
         self.updates = int(state["updates"])
+
+
+def _broadcast_buffers_from_main(model: nn.Module) -> None:
+    """The first process's floating-point buffers on every process, in one collective."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if buffers:
+        flat = _flatten_dense_tensors(buffers)
+        torch.distributed.broadcast(flat, src=0)
+        torch._foreach_copy_(buffers, list(_unflatten_dense_tensors(flat, buffers)))

@@ -201,7 +201,7 @@ def fit(cfg: TrainConfig) -> Path:
                 if stepped:
                     progress.global_step += 1
                     if ema is not None:
-                        ema.update(plain_model())
+                        ema.update(plain_model(), distributed=accelerator.num_processes > 1)
                 if step == last_batch:  # the epoch's own save follows
                     return False
                 stopping = stop.requested(accelerator, step)

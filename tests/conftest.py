@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,31 @@ def interrupt_when(cmd: list[str], line_start: str, sig: int = signal.SIGTERM, e
             break
     output.extend(proc.stdout)
     proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(output), "")
+
+
+def interrupt_mid_epoch(cmd: list[str], run_dir: Path, global_step: int, sig: int = signal.SIGTERM,
+                        env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run `cmd` (a training run with --save-every-steps) from the repository and send `sig` once
+    its last/ checkpoint records `global_step` or later, a step known to lie inside an epoch (no
+    race with the end of an epoch, as a signal sent on an epoch's summary line has); then wait.
+    Returns the process with its whole stdout (stderr is dropped: progress bars)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:  # last/ is swapped in whole; between the two renames it is briefly absent
+            if json.loads((run_dir / "last" / "checkpoint.json").read_text())["global_step"] >= global_step:
+                proc.send_signal(sig)
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    proc.wait(timeout=timeout)
+    reader.join(timeout=60)
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(output), "")
 
 

@@ -31,7 +31,7 @@ def _meta(ckpt: Path) -> dict:
 @pytest.fixture(scope="module")
 def compiled_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("compiled")
-    data = make_dataset(root / "flowers", per_class=4)
+    data = make_dataset(root / "flowers", per_class=5)
     out = root / "out"
     proc = run_cli("python", "train.py", "--data", str(data), "--output-dir", str(out), "--epochs", "1",
                    "--run-name", "c", "--compile", *TINY_TRAIN, env=EAGER, timeout=900)
@@ -73,7 +73,7 @@ def test_checkpoints_written_with_compiled_keys_still_load(compiled_run, tmp_pat
 
 @pytest.mark.slow
 def test_bf16_trains_saves_fp32_weights_and_eval_judges_the_recorded_accuracy(tmp_path):
-    data = make_dataset(tmp_path / "flowers", per_class=4)
+    data = make_dataset(tmp_path / "flowers", per_class=5)
     out = tmp_path / "out"
     proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu.yaml", "--mixed_precision", "bf16",
                    "train.py", "--data", str(data), "--output-dir", str(out), "--epochs", "2", "--run-name", "b",
@@ -207,12 +207,12 @@ def test_ddp_agrees_on_stop_signals_every_few_steps_not_every_step(tmp_path):
     """Each check is an all-reduce plus a read that makes the host wait for the GPU."""
     script = tmp_path / "train_counting.py"
     script.write_text(COUNT_COLLECTIVES)
-    data = make_dataset(tmp_path / "flowers", per_class=30, classes=["a", "b"])  # 60 images: 48 train
+    data = make_dataset(tmp_path / "flowers", per_class=60, classes=["a", "b"])  # 120 images: 96 train
     run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29561",
             str(script), "--data", str(data), "--output-dir", str(tmp_path / "out"), "--epochs", "1",
-            *TINY_TRAIN, "--batch-size", "1", env={"COUNTS": str(tmp_path / "counts-")}, timeout=900)
+            *TINY_TRAIN, "--batch-size", "2", env={"COUNTS": str(tmp_path / "counts-")}, timeout=900)
     for rank in "01":
         counted = json.loads((tmp_path / f"counts-{rank}").read_text())
-        assert counted["steps"] == 24  # 48 images over 2 ranks, batch 1
+        assert counted["steps"] == 24  # 96 images over 2 ranks, batch 2
         # stop checks after steps 10 and 20 (CHECK_EVERY), and the epoch's sums at its end
         assert counted["collectives"] == [3], counted

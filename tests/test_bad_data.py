@@ -89,6 +89,7 @@ def _usable_count(root: Path) -> int:
     return 6 + 6 + len(ODD_BUT_USABLE)  # the photos of both classes and the decodable oddities
 
 
+@pytest.mark.slow
 def test_dirty_folder_trains_and_evaluates_skipping_each_bad_file_once(dirty_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("python", "train.py", "--data", str(dirty_dir), "--epochs", "1", "--output-dir", str(out),
@@ -114,6 +115,7 @@ def test_dirty_folder_trains_and_evaluates_skipping_each_bad_file_once(dirty_dir
     assert f"{_usable_count(dirty_dir)} images in " in proc.stdout  # every usable image evaluated
 
 
+@pytest.mark.slow
 def test_strict_fails_listing_every_unusable_file(dirty_dir, tmp_path):
     proc = run_cli("python", "train.py", "--data", str(dirty_dir), "--epochs", "1", "--strict",
                    "--output-dir", str(tmp_path / "out"), *TINY_TRAIN, check=False)

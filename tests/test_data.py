@@ -2,6 +2,7 @@ import collections
 
 import pytest
 import torch
+from PIL import Image
 from datasets import ClassLabel, Dataset, Features, Value
 
 from conftest import make_dataset
@@ -37,12 +38,38 @@ def test_transforms_shapes_and_dtypes(flower_dir):
         assert batch["pixel_values"].shape == (3, 3, 48, 48)
         assert batch["pixel_values"].dtype == torch.float32
         assert batch["labels"].dtype == torch.long
-        assert -3 < batch["pixel_values"].mean() < 3  # normalised, not 0..255
 
 
-def test_eval_transform_is_deterministic(flower_dir):
-    ds = with_transform(load_splits(str(flower_dir), 0.2, seed=0).val, eval_transform(40))
-    assert torch.equal(ds[0]["pixel_values"], ds[0]["pixel_values"])
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # torchvision's ResNet18 weights' values
+
+
+def test_eval_transform_normalises_with_imagenet_statistics():
+    """A white and a black photo come out as (1 - mean) / std and -mean / std per channel."""
+    for value in (0, 255):
+        out = eval_transform(32)(Image.new("RGB", (50, 40), (value,) * 3))
+        for channel, (mean, std) in enumerate(zip(IMAGENET["mean"], IMAGENET["std"])):
+            expected = torch.full((32, 32), (value / 255 - mean) / std)
+            torch.testing.assert_close(out[channel], expected, rtol=0, atol=1e-5)
+
+
+def test_eval_transform_resizes_and_crops_the_centre_and_draws_nothing_random():
+    """A 96x64 photo, left third red, middle green, right third blue: the short side goes to
+    eval_size(32) = 37 (the long one to 55), and the centre 32x32 crop keeps columns 12-43 of 55,
+    so it sees only green in its middle and a red and a blue edge; the same pixels whatever the
+    random state (evaluation must not augment)."""
+    photo = Image.new("RGB", (96, 64), (0, 255, 0))
+    photo.paste((255, 0, 0), (0, 0, 32, 64))
+    photo.paste((0, 0, 255), (64, 0, 96, 64))
+    transform = eval_transform(32)
+    torch.manual_seed(0)
+    first = transform(photo)
+    torch.manual_seed(1)
+    assert torch.equal(transform(photo), first)
+    assert first.shape == (3, 32, 32)
+    green = (1 - IMAGENET["mean"][1]) / IMAGENET["std"][1]
+    assert torch.allclose(first[1, :, 10:22], torch.full((32, 12), green), atol=1e-5)  # middle: pure green
+    red_at_left, blue_at_right = first[0, :, 0], first[2, :, -1]
+    assert (red_at_left > 0).all() and (blue_at_right > 0).all()  # the crop reaches into both side thirds
 
 
 def test_missing_data_offline_says_how_to_point_at_it(tmp_path, monkeypatch):

@@ -1,15 +1,14 @@
-"""The user's workflow, for real: train.py (one process and two DDP ranks) then eval.py --ckpt best."""
+"""The user's workflow, for real: train.py (one process and two DDP ranks) then eval.py --ckpt best.
+
+The single-process train -> eval pair is the fast loop's end-to-end test; the rest is marked slow."""
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN, make_dataset, run_cli
-
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+from conftest import ACCELERATE, TINY_TRAIN, make_dataset, read_history, run_cli
 
 
 def _best_meta(out: Path) -> dict:
@@ -44,7 +43,12 @@ def test_training_writes_best_and_last_with_self_contained_metadata(single_run):
     assert meta["class_names"] == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
     assert meta["data"] == {"source": str(data), "split_seed": 42, "val_split": 0.2, "train_size": 32, "val_size": 8}
     assert meta["image_size"] == 32 and meta["config"]["epochs"] == 2
-    assert 0 <= meta["metrics"]["val_accuracy"] <= 1
+    history = read_history(run)
+    assert [row["epoch"] for row in history] == [1, 2]
+    accuracies = [row["val_accuracy"] for row in history]
+    assert meta["epoch"] == accuracies.index(max(accuracies)) + 1  # best/ holds the first best epoch
+    assert meta["metrics"]["val_accuracy"] == max(accuracies)
+    assert meta["metrics"]["val_accuracy"] * 8 == round(meta["metrics"]["val_accuracy"] * 8)  # k of 8 images
     assert meta["environment"]["num_processes"] == 1
     assert meta["environment"]["torch_threads"] == len(os.sched_getaffinity(0))  # all cores
 
@@ -61,6 +65,7 @@ def test_eval_best_reproduces_the_recorded_accuracy(single_run):
     assert proc.stdout.strip().splitlines()[-1].endswith("eval-best-val")
 
 
+@pytest.mark.slow
 def test_eval_on_another_folder_with_other_classes_is_refused(single_run, tmp_path):
     tmp, _, out, _ = single_run
     other = make_dataset(tmp_path / "other", per_class=2, classes=["cat", "dog"])
@@ -70,6 +75,7 @@ def test_eval_on_another_folder_with_other_classes_is_refused(single_run, tmp_pa
     assert proc.stderr.strip().splitlines()[-1].startswith("error: classes in") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_eval_on_another_folder_with_the_same_classes(single_run, tmp_path):
     _, data, out, _ = single_run
     other = make_dataset(tmp_path / "other", per_class=2)
@@ -78,6 +84,7 @@ def test_eval_on_another_folder_with_the_same_classes(single_run, tmp_path):
     assert json.loads(results.read_text())["metrics"]["num_samples"] == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (("train.py", "--data", "/no/such/dir", "--weights", "none"), "no such folder"),
     (("eval.py", "--ckpt", "best", "--output-dir", "/no/runs/here"), "no runs"),
@@ -90,6 +97,7 @@ def test_user_mistakes_get_one_line_and_exit_2(args, message):
     assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_real_ddp_ranks_agree_with_single_process_eval(tmp_path):
     data = make_dataset(tmp_path / "flowers")
     out = tmp_path / "outputs"

@@ -17,7 +17,8 @@ def run_cli(*args, **kwargs):
     """Generous time limit: these runs share 2 CPU cores with whatever else the machine is doing."""
     return _run_cli(*args, timeout=1200, **kwargs)
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.slow]  # every test evaluates a trained checkpoint in subprocesses
 
 
 def run_eval(trained_run, *args, launcher=("python",), env=None):

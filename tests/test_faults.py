@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRAIN, make_dataset, run_cli
 
+pytestmark = pytest.mark.slow  # real training runs with injected faults, one with two DDP ranks
+
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 # train.py, with a forward hook that turns the model's output into NaN on the N-th training batch.

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, TINY_TRAIN, make_dataset, run_cli
 from flowers import checkpoint
 
+pytestmark = pytest.mark.slow  # hundreds of killed saves, and a training run on a full disk
+
 # Saves checkpoint `epoch` (every tensor filled with `epoch`) in a forked child that SIGKILLs
 # itself at its N-th traced line (in checkpoint.py, or the shutil code it calls), for
 # N = 1, 2, ... until a save completes. After every kill the parent loads the checkpoint the way

@@ -12,6 +12,8 @@ import torch
 from conftest import CLASSES
 from conftest import run_cli as _run_cli
 
+pytestmark = pytest.mark.slow  # every test uses a trained checkpoint and subprocesses
+
 
 def run_cli(*args, **kwargs):
     """Generous time limit: these runs share 2 CPU cores with whatever else the machine is doing."""

@@ -45,12 +45,17 @@ def test_recipe_report_is_the_reports_recipe_and_explicit_options_win(tmp_path):
     assert (default.optimizer, default.scheduler, default.label_smoothing) == ("adamw", "cosine", 0.1)
 
 
-@pytest.mark.parametrize("argv", [["--label-smoothing", "1"], ["--dropout", "-0.1"], ["--ema-decay", "1"],
-                                  ["--resume", "--init-from", "best"], ["--scheduler", "onecycle",
-                                                                        "--warmup-epochs", "30"]])
-def test_bad_recipe_options_are_one_line_errors(argv):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("argv, message", [
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
+    (["--resume", "--init-from", "best"], "give only one of them"),
+    (["--scheduler", "onecycle", "--warmup-epochs", "30"], "--warmup-epochs must be shorter than --epochs"),
+])
+def test_bad_recipe_options_are_one_line_errors(argv, message):
+    with pytest.raises(UserError) as error:
         parse(TrainConfig, argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_freeze_backbone_flag_alone_means_the_whole_run():

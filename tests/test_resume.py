@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_TRAIN, make_dataset, run_cli
+from conftest import ACCELERATE, TINY_TRAIN, free_port, interrupt_mid_epoch, make_dataset, run_cli
+
+pytestmark = pytest.mark.slow
 
 # dropout, MixUp and EMA make the comparison cover the RNG and every piece of saved state
 RECIPE = ("--epochs", "2", "--batch-size", "4", "--dropout", "0.2", "--mixup", "0.2", "--ema-decay", "0.9",
@@ -44,34 +46,38 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _start_and_sigterm_in_epoch_2(data: Path, out: Path) -> subprocess.CompletedProcess:
-    """Start the same run, send SIGTERM once epoch 1 is saved (so it lands in epoch 2), wait."""
+    """Start the same run, saving every 2 steps (a runtime option: it changes no result), and send
+    SIGTERM once step 6 is saved: epoch 2's first (of 5); wait."""
     cmd = [sys.executable, "train.py", "--data", str(data), "--output-dir", str(out), *TINY_TRAIN, *RECIPE,
-           "--run-name", "cut"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)  # progress bars go to stderr
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith("epoch 1/2  train_loss"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    output.extend(proc.stdout)
-    proc.wait(timeout=TIMEOUT)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(output), "")
+           "--run-name", "cut", "--save-every-steps", "2"]
+    return interrupt_mid_epoch(cmd, out / "cut", global_step=6, timeout=TIMEOUT)
+
+
+def _stopped_at_batch(stdout: str, epoch: int, batches: int) -> int:
+    """k from the stop message 'saved ... at epoch E, batch k/N'; asserts the stop was mid-epoch."""
+    found = re.findall(rf"saved \S+ at epoch {epoch}, batch (\d+)/{batches}\.", stdout)
+    assert len(found) == 1, stdout[-2000:]
+    k = int(found[0])
+    assert 0 < k < batches, f"stopped at batch {k}/{batches}: not mid-epoch"
+    return k
 
 
 def test_sigterm_saves_last_and_resume_ends_exactly_like_an_uninterrupted_run(uninterrupted, tmp_path):
+    """Stopped mid-epoch (batch k of 5 of epoch 2), resumed: the weights, best/, ema/ and the
+    history are exactly those of the run nobody interrupted."""
     data, whole = uninterrupted
     out = tmp_path / "out"
     stopped = _start_and_sigterm_in_epoch_2(data, out)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-2000:]
     assert f"Resume with:\n  python train.py --resume {out / 'cut'}" in stopped.stdout
+    k = _stopped_at_batch(stopped.stdout, epoch=2, batches=5)  # 20 training images in batches of 4
     cut = out / "cut"
     meta = json.loads((cut / "last" / "checkpoint.json").read_text())
     assert meta["epoch"] == 1 and (cut / "last" / "training_state").is_dir()
+    assert meta["global_step"] == 5 + k  # epoch 1's 5 steps and k of epoch 2
 
     resumed = _train(data, out, "--resume")  # no DIR: the latest run under --output-dir
-    assert f"resuming {cut} after epoch 1/2" in resumed.stdout
+    assert f"resuming {cut} after epoch 1/2 and {k} batches of the next" in resumed.stdout
     for name in ("last", "best", "ema"):
         ours, theirs = load_file(str(cut / name / "model.safetensors")), load_file(str(whole / name / "model.safetensors"))
         assert ours.keys() == theirs.keys()
@@ -109,3 +115,34 @@ def test_each_epoch_reports_its_own_training_sums(uninterrupted):
     _, whole = uninterrupted
     rows = [json.loads(line) for line in (whole / "history.jsonl").read_text().splitlines()]
     assert [row["train_samples"] for row in rows] == [20, 20]  # 25 photos: 20 train (5 batches of 4), 5 val
+
+
+def test_two_ddp_ranks_stopped_mid_epoch_resume_to_the_weights_of_an_uninterrupted_two_rank_run(tmp_path):
+    """accelerate launch with two real ranks (gloo), 22 images a rank in batches of 2: 11 steps an
+    epoch, and ranks agree on a signal every 10 batches. SIGTERM to the launcher early in epoch 2
+    stops both ranks at batch 10 of 11; a two-rank resume ends with exactly the weights, EMA and
+    history of a two-rank run nobody interrupted."""
+    data = make_dataset(tmp_path / "flowers", per_class=11)  # 44 train, 11 val
+    recipe = (*TINY_TRAIN, *RECIPE, "--batch-size", "2")
+    env = {"ACCELERATE_USE_CPU": "true"}
+    out = tmp_path / "out"
+
+    def launch(*args: str) -> list[str]:
+        return [ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port",
+                str(free_port()), "train.py", "--data", str(data), "--output-dir", str(out), *args]
+
+    run_cli(*launch(*recipe, "--run-name", "whole"), env=env, timeout=TIMEOUT)
+    stopped = interrupt_mid_epoch(launch(*recipe, "--run-name", "cut", "--save-every-steps", "2"), out / "cut",
+                                  global_step=12, env=env, timeout=TIMEOUT)
+    assert "processes: 2" in stopped.stdout and stopped.returncode != 0
+    k = _stopped_at_batch(stopped.stdout, epoch=2, batches=11)
+    cut, whole = out / "cut", out / "whole"
+    assert json.loads((cut / "last" / "checkpoint.json").read_text())["global_step"] == 11 + k
+
+    resumed = run_cli(*launch("--resume", str(cut)), env=env, timeout=TIMEOUT)
+    assert f"after epoch 1/2 and {k} batches of the next" in resumed.stdout and "processes: 2" in resumed.stdout
+    for name in ("last", "best", "ema"):
+        ours, theirs = load_file(str(cut / name / "model.safetensors")), load_file(str(whole / name / "model.safetensors"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), f"{name}/ weights differ"
+    assert _history(cut) == _history(whole)

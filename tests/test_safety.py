@@ -53,6 +53,7 @@ FAKE_KEY = "fake0wandb0key0" + "7" * 25  # 40 characters, like a real W&B key
 FAKE_HF_TOKEN = "hf_fakeTokenThatMustNeverBeWritten0123"
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_configs_logs_checkpoints_or_wandb_files(tmp_path):
     data = make_dataset(tmp_path / "flowers", per_class=4, classes=["a", "b"])
     out, wandb_dir = tmp_path / "out", tmp_path / "wandb"
@@ -72,6 +73,7 @@ def test_secrets_never_reach_configs_logs_checkpoints_or_wandb_files(tmp_path):
         assert not leaks, f"secret written to {leaks}"
 
 
+@pytest.mark.slow
 def test_paths_in_a_checkpoint_json_never_decide_where_eval_writes(tmp_path):
     data = make_dataset(tmp_path / "flowers", per_class=3, classes=["a", "b"])
     escape = tmp_path / "escape"
