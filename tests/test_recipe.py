@@ -13,7 +13,7 @@ from flowers.config import TrainConfig, parse
 from flowers.errors import UserError
 from flowers.model import build_model, match_head_keys
 from flowers.optim import build_optimizer, build_scheduler
-from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
+from flowers.recipe import EarlyStopping, make_batch_transform, make_loss, parameter_groups
 
 
 def _cfg(**values) -> TrainConfig:
@@ -23,8 +23,8 @@ def _cfg(**values) -> TrainConfig:
 def test_label_smoothing_changes_the_loss_by_the_expected_amount():
     torch.manual_seed(0)
     logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
-    plain = make_loss(_cfg(label_smoothing=0.0))(logits, labels)
-    smoothed = make_loss(_cfg(label_smoothing=0.1))(logits, labels)
+    plain = make_loss(_cfg(label_smoothing=0.0))(logits, labels).mean()  # per-example losses
+    smoothed = make_loss(_cfg(label_smoothing=0.1))(logits, labels).mean()
     uniform = (-F.log_softmax(logits, 1)).mean(1).mean()  # cross-entropy against the uniform target
     assert torch.isclose(plain, F.cross_entropy(logits, labels))
     assert torch.isclose(smoothed, 0.9 * plain + 0.1 * uniform, atol=1e-6)
@@ -67,9 +67,10 @@ def _lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> list[list[float]]:
     model = build_model(5, "none")
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    lrs = []
+    lrs = []  # [backbone, head] learning rates per step
     for _ in range(cfg.epochs * steps_per_epoch):
-        lrs.append([g["lr"] for g in optimizer.param_groups])
+        by_name = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        lrs.append([by_name[name] for name in ("backbone", "head") if name in by_name])
         optimizer.step()
         scheduler.step()
     return lrs
@@ -105,7 +106,7 @@ def test_freeze_backbone_for_the_whole_run_trains_only_the_head():
     groups = parameter_groups(_cfg(freeze_backbone=-1), model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
-    assert len(groups) == 1 and len(groups[0]["params"]) == 2
+    assert {g["name"] for g in groups} == {"head"} and sum(len(g["params"]) for g in groups) == 2
 
 
 @pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
@@ -113,7 +114,8 @@ def test_freeze_backbone_for_the_whole_run_trains_only_the_head():
 def test_optimizer_choice_and_weight_decay(name, kind):
     cfg = _cfg(optimizer=name, weight_decay=0.01)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, build_model(5, "none")))
-    assert type(optimizer) is kind and all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+    assert type(optimizer) is kind
+    assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == [0.0, 0.01]  # none on biases and norms
 
 
 def test_early_stopping_stops_at_the_right_epoch_on_a_scripted_sequence():
@@ -130,20 +132,6 @@ def test_early_stopping_stops_at_the_right_epoch_on_a_scripted_sequence():
     assert not any(EarlyStopping(patience=0).step(a) for a in [0.5] * 10)  # 0: off
 
 
-def test_ema_tracks_the_weights_with_the_given_decay():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    ema = WeightEMA(model, decay=0.9)
-    before = {k: v.clone() for k, v in ema.state_dict().items()}
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-        model[1].num_batches_tracked.fill_(7)
-    ema.update(model)
-    after = ema.state_dict()
-    assert torch.allclose(after["0.weight"], 0.9 * before["0.weight"] + 0.1 * model[0].weight)
-    assert after["1.num_batches_tracked"].item() == 7
-    assert not ema.module[0].weight.requires_grad
-
-
 @pytest.mark.parametrize("options", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0}])
 def test_mixup_and_cutmix_mix_images_and_soften_the_targets(options):
     torch.manual_seed(1)
@@ -153,7 +141,7 @@ def test_mixup_and_cutmix_mix_images_and_soften_the_targets(options):
     assert targets.shape == (8, 5) and torch.allclose(targets.sum(1), torch.ones(8))
     assert (targets.max(1).values < 1).all()  # every target is a blend of two labels
     assert not torch.equal(mixed, images)
-    assert make_loss(_cfg())(torch.randn(8, 5), targets).isfinite()
+    assert make_loss(_cfg())(torch.randn(8, 5), targets).isfinite().all()
     assert make_batch_transform(_cfg(), num_classes=5) is None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as real_datetime
 import json
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from conftest import TINY_TRAIN, make_dataset, run_cli
+from conftest import REPO, TINY_TRAIN, make_dataset, run_cli
 from flowers import training
 from flowers.config import TrainConfig
 from flowers.engine import train_one_epoch
@@ -288,3 +289,55 @@ def test_images_failing_mid_run_are_left_out_alike_by_two_ranks_and_one(tmp_path
     assert results["2"]["processes"] == 2
     assert results["2"]["metrics"]["num_samples"] == results["1"]["metrics"]["num_samples"] == 4
     assert results["2"]["metrics"] == results["1"]["metrics"]
+
+
+# ---- several nodes: per-node work on each node's local main process ----------------------------------
+
+# train.py logging when each process enters and leaves the data loading (which fills the node's caches)
+LOG_DATA_LOADING = textwrap.dedent('''
+    import json, os, sys, time
+    sys.path.insert(0, os.getcwd())
+    from flowers import training
+    from flowers.cli import run
+    from flowers.config import TrainConfig, parse
+
+    load_splits = training.load_splits
+
+    def logged_load_splits(*args, **kwargs):
+        entered = time.time()
+        time.sleep(1.0)  # long enough that processes running it at once overlap
+        splits = load_splits(*args, **kwargs)
+        with open(os.environ["LOG"], "a") as f:
+            f.write(json.dumps({"node": os.environ["GROUP_RANK"], "local_rank": os.environ["LOCAL_RANK"],
+                                "entered": entered, "left": time.time()}) + "\\n")
+        return splits
+
+    training.load_splits = logged_load_splits
+    run(lambda: training.fit(parse(TrainConfig)))
+''')
+
+
+@pytest.mark.slow
+def test_on_every_node_the_local_main_process_loads_the_data_before_the_others(tmp_path):
+    """Two "nodes" on localhost (2 processes each, gloo), each with its own caches: on node 1 the
+    second process used to start at once with the first, both filling the same empty cache."""
+    script = tmp_path / "train_logging.py"
+    script.write_text(LOG_DATA_LOADING)
+    data = make_dataset(tmp_path / "flowers", per_class=5)
+    log = tmp_path / "log.jsonl"
+    nodes = []
+    for node in "01":
+        env = {**os.environ, "LOG": str(log), "HF_HOME": str(tmp_path / f"hf-{node}"),
+               "TORCH_HOME": str(tmp_path / f"torch-{node}"), "ACCELERATE_USE_CPU": "true"}
+        nodes.append(subprocess.Popen(
+            [ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", node,
+             "--num_processes", "4", "--main_process_ip", "127.0.0.1", "--main_process_port", "29567",
+             str(script), "--data", str(data), "--output-dir", str(tmp_path / "out"), "--epochs", "1",
+             *TINY_TRAIN, "--batch-size", "4"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for node in "01":
+        first, second = (next(r for r in rows if r["node"] == node and r["local_rank"] == rank) for rank in "01")
+        assert second["entered"] >= first["left"], f"node {node}: its processes loaded the data at the same time"
