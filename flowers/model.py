@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from flowers.checkpoint import WRAPPER_PREFIXES, without_wrapper_prefixes
 from flowers.errors import UserError
 
 ARCH = "resnet18"
@@ -87,18 +88,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise UserError(f"{p}: does not hold a state dict")
-    return {_without_wrapper_prefixes(k): v for k, v in state.items()}
-
-
-# Key prefixes of wrapped models: DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`),
-# in any order and combination (`module._orig_mod.`: a compiled model under DDP).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _without_wrapper_prefixes(key: str) -> str:
-    while key.startswith(WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
+    return without_wrapper_prefixes(state)  # DDP's module., torch.compile's _orig_mod., in any combination
 
 
 def _is_head(key: str) -> bool:

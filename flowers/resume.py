@@ -91,9 +91,11 @@ def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     if ignored:
         print(f"note: resuming uses the run's own settings; ignoring --{', --'.join(n.replace('_', '-') for n in ignored)}"
               " (to change them, start a new run with --init-from)")
+    # init_from: None, as the weights come from last/ (where the run started stays in last/'s
+    # metadata); its path may have moved since, and with --resume it would be refused
     values = {**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS},
               "output_dir": str(run_dir.parent), "run_name": run_dir.name, "resume": str(run_dir),
-              "init_from": saved.get("init_from"), "config": None}
+              "init_from": None, "config": None}
     return from_dict(TrainConfig, values, source=f"{run_dir}/last/{checkpoint.META_FILE}")
 
 

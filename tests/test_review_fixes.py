@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY_TRAIN, make_dataset, run_cli
+from conftest import CLASSES, REPO, TINY_TRAIN, make_dataset, run_cli
 from flowers import checkpoint, data
 from flowers.config import TrainConfig
 from flowers.datacheck import duplicate_groups
@@ -131,10 +131,14 @@ def test_a_test_split_is_never_used_for_model_selection(tmp_path):
 
 # ---- 8. declared minimum versions -------------------------------------------------------------
 
-# The first release with what we use (checked in each release's source; see setup.cfg):
-#   accelerate 1.1.0: DataLoaderConfiguration(data_seed=...) (1.0.1 has no such field)
-#   torch 2.5: torch.onnx.export(..., dynamo=True, external_data=..., dynamic_shapes=...) (2.4 lacks them)
-NEEDED = {"accelerate": (1, 1), "torch": (2, 5)}
+# The oldest releases that run what we call, installed and run here (tiny train, eval.py, ONNX export)
+# with torch 2.7.0, torchvision 0.22.0, accelerate 1.3.0, datasets 3.0.0:
+#   accelerate 1.1.0 added DataLoaderConfiguration(data_seed=...) (1.0.1 has no such field), 1.3.0
+#     unwrap_model(keep_torch_compile=...) (1.2.1 has not; training.py calls it);
+#   torch: 2.5 has export(dynamo=True, external_data=..., dynamic_shapes=...) but its exporter fails on
+#     ResNet18's BatchNorm with today's onnxscript (ConversionError), 2.6 raises KeyError 'images'
+#     (dynamic_shapes keyed by argument name next to input_names); 2.7.0 exports and matches PyTorch.
+NEEDED = {"accelerate": (1, 3), "torch": (2, 7), "torchvision": (0, 22), "datasets": (3, 0)}
 
 
 def test_declared_minimum_versions_have_the_apis_we_call():
@@ -215,12 +219,15 @@ def test_weights_that_do_not_fit_are_described_in_one_sentence():
         load_model_weights(model, other_classes)
 
 
-def test_resume_works_after_the_original_weights_file_moved(tmp_path):
-    weights = tmp_path / "start.pth"
+def test_resume_works_after_the_original_weights_and_init_from_moved(tmp_path):
+    """Resuming restores the weights from last/ and reads neither --weights nor --init-from."""
+    weights, start = tmp_path / "start.pth", tmp_path / "start-ckpt"
     torch.save(build_model(5, "none").state_dict(), weights)
+    checkpoint.save_checkpoint(start, build_model(5, "none").state_dict(),
+                               {"num_classes": 5, "class_names": CLASSES, "config": {}})
     data_dir, out = make_dataset(tmp_path / "flowers", per_class=5), tmp_path / "out"
     cmd = [sys.executable, "train.py", "--data", str(data_dir), "--output-dir", str(out), "--run-name", "cut",
-           "--epochs", "2", *TINY_TRAIN, "--batch-size", "4", "--weights", str(weights)]
+           "--epochs", "2", *TINY_TRAIN, "--batch-size", "4", "--weights", str(weights), "--init-from", str(start)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
@@ -231,10 +238,12 @@ def test_resume_works_after_the_original_weights_file_moved(tmp_path):
     proc.wait(timeout=600)
     assert checkpoint.load_meta(out / "cut" / "last")["epoch"] == 1
     shutil.move(weights, tmp_path / "elsewhere.pth")
+    shutil.move(start, tmp_path / "elsewhere-ckpt")
 
     resumed = run_cli("python", "train.py", "--resume", str(out / "cut"))
     assert "resuming" in resumed.stdout
-    assert checkpoint.load_meta(out / "cut" / "last")["epoch"] == 2
+    resumed_meta = checkpoint.load_meta(out / "cut" / "last")
+    assert resumed_meta["epoch"] == 2 and resumed_meta["init_from"]["path"] == str(start.resolve())  # still said
     assert TrainConfig(resume=str(out / "cut"), weights=str(weights)).weights == str(weights)  # not checked
 
 
