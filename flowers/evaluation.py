@@ -49,7 +49,8 @@ def _select_images(cfg: EvalConfig, meta: dict) -> tuple[Dataset, list[Dataset],
 
 def _report_dir(ckpt_dir: Path, cfg: EvalConfig, split: str) -> Path:
     data_tag = f"-{Path(cfg.data).expanduser().resolve().name}" if cfg.data else ""
-    return ckpt_dir.parent / f"eval-{ckpt_dir.name}{data_tag}-{split}"
+    name = ckpt_dir.name.removesuffix(".old")  # best.old: read while a save swapped it (checkpoint._readable)
+    return ckpt_dir.parent / f"eval-{name}{data_tag}-{split}"
 
 
 def _probabilities(scores: np.ndarray) -> np.ndarray:

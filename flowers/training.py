@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
-from flowers.data import Splits, build_loaders, load_splits, resized_splits, resolve_data
+from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_splits, resolve_data
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
 from flowers.engine import EpochStats, evaluate, train_one_epoch
@@ -114,7 +114,9 @@ def fit(cfg: TrainConfig) -> Path:
     # --init-from loads its own, so then the initial ones are not needed.
     with accelerator.local_main_process_first():
         init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
-        splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict)
+        # a resumed run keeps its validation split (runs saved before val_from was recorded split train)
+        val_from = saved_meta.get("data", {}).get("val_from") if resume_dir else AUTO
+        splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict, val_from)
         if cfg.cache_resized:
             cached = resized_splits(splits, eval_size(cfg.image_size))
     warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
