@@ -1,5 +1,6 @@
 import socket
 import threading
+import urllib.request
 
 import pytest
 import torch
@@ -56,6 +57,8 @@ def test_imagenet_weights_missing_offline_is_one_line(tmp_path, monkeypatch):
             monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
         for name in ("no_proxy", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
+        # urlopen keeps the opener (and its proxies) of its first call in this process: build a new one
+        monkeypatch.setattr(urllib.request, "_opener", None)
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
         with pytest.raises(UserError) as error:
             build_model(5, "imagenet")

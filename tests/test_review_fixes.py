@@ -72,6 +72,7 @@ def test_large_seeds_augment_and_seeds_that_worked_draw_what_they_drew(tmp_path)
         assert torch.equal(out, _drawn_with(((seed * 1_000_003 + 3) * 10_000_019 + 2) % 2**64, images, 2))
 
 
+@pytest.mark.slow
 def test_the_largest_accepted_seed_trains(flower_dir, tmp_path):
     out = tmp_path / "out"
     run_cli("python", "train.py", "--data", str(flower_dir), "--output-dir", str(out), "--run-name", "big-seed",
@@ -103,6 +104,7 @@ def _hub_copy(root: Path, splits: dict[str, int]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_hub_datasets_validation_split_is_used_recorded_and_rebuilt_by_eval(tmp_path):
     repo = _hub_copy(tmp_path / "hub-copy", {"train": 6, "validation": 2, "test": 3})
     splits = data.load_splits(str(repo), 0.2, seed=0)
@@ -219,6 +221,7 @@ def test_weights_that_do_not_fit_are_described_in_one_sentence():
         load_model_weights(model, other_classes)
 
 
+@pytest.mark.slow
 def test_resume_works_after_the_original_weights_and_init_from_moved(tmp_path):
     """Resuming restores the weights from last/ and reads neither --weights nor --init-from."""
     weights, start = tmp_path / "start.pth", tmp_path / "start-ckpt"
