@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -182,3 +183,20 @@ def trained_run(tmp_path_factory) -> dict:
     run_cli("python", "train.py", "--data", str(data), "--output-dir", str(output_dir), "--epochs", "1",
             "--run-name", "tiny", "--seed", "3", *TINY_TRAIN, env=env, timeout=1200)
     return {"output_dir": output_dir, "data": data, "ckpt": output_dir / "tiny" / "best"}
+
+
+_ENTRY_POINTS = {
+    "train": "from flowers import training\nfrom flowers.config import TrainConfig, parse\n"
+             "run(lambda: training.fit(parse(TrainConfig)))\n",
+    "eval": "from flowers import evaluation\nfrom flowers.config import EvalConfig, parse\n"
+            "run(lambda: evaluation.run_eval(parse(EvalConfig)))\n",
+}
+
+
+def patched_entry_script(path: Path, patch: str, entry: str = "train", after: str = "") -> str:
+    """train.py (or eval.py) with `patch` run first: Python source that replaces a function of a
+    flowers module, to inject a fault or record what a real run does inside. `after` runs once the
+    command has finished. Returns the script's path, for `python SCRIPT` or `accelerate launch SCRIPT`."""
+    header = f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nfrom flowers.cli import run\n"
+    path.write_text(header + textwrap.dedent(patch) + "\n" + _ENTRY_POINTS[entry] + textwrap.dedent(after))
+    return str(path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import TINY_TRAIN, make_dataset, run_cli
+from conftest import TINY_TRAIN, make_dataset, patched_entry_script, run_cli
 from flowers.data import default_workers, pins_memory
 from flowers.engine import train_one_epoch
 from flowers.evaluation import recorded_accuracy_verdict
@@ -171,14 +170,11 @@ def test_mps_gets_its_own_loader_rule():
     assert 1 <= default_workers(1, "mps") <= 4
 
 
-# train.py counting the collective operations each training epoch makes (DDP, 2 ranks).
-COUNT_COLLECTIVES = textwrap.dedent('''
+# a patch of train.py counting the collective operations each training epoch makes (DDP, 2 ranks).
+COUNT_COLLECTIVES = '''
     import json, os, sys
-    sys.path.insert(0, os.getcwd())
     import torch.distributed as dist
     from flowers import training
-    from flowers.cli import run
-    from flowers.config import TrainConfig, parse
 
     counts, all_reduce = [], dist.all_reduce
 
@@ -198,15 +194,13 @@ COUNT_COLLECTIVES = textwrap.dedent('''
         return stats
 
     training.train_one_epoch = counted_epoch
-    run(lambda: training.fit(parse(TrainConfig)))
-''')
+'''
 
 
 @pytest.mark.slow
 def test_ddp_agrees_on_stop_signals_every_few_steps_not_every_step(tmp_path):
     """Each check is an all-reduce plus a read that makes the host wait for the GPU."""
-    script = tmp_path / "train_counting.py"
-    script.write_text(COUNT_COLLECTIVES)
+    script = patched_entry_script(tmp_path / "train_counting.py", COUNT_COLLECTIVES)
     data = make_dataset(tmp_path / "flowers", per_class=60, classes=["a", "b"])  # 120 images: 96 train
     run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29561",
             str(script), "--data", str(data), "--output-dir", str(tmp_path / "out"), "--epochs", "1",

@@ -6,26 +6,21 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_TRAIN, make_dataset, run_cli
+from conftest import TINY_TRAIN, make_dataset, patched_entry_script, run_cli
 
 pytestmark = pytest.mark.slow  # real training runs with injected faults, one with two DDP ranks
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
-# train.py, with a forward hook that turns the model's output into NaN on the N-th training batch.
-NAN_AT_BATCH = textwrap.dedent('''
-    import os, sys
-    sys.path.insert(0, os.getcwd())
+# a patch of train.py: a forward hook that turns the model's output into NaN on the N-th training batch.
+NAN_AT_BATCH = '''
     from flowers import training
-    from flowers.cli import run
-    from flowers.config import TrainConfig, parse
 
     NAN_AT = int(os.environ["NAN_AT_BATCH"])
     batches = 0
@@ -44,39 +39,28 @@ NAN_AT_BATCH = textwrap.dedent('''
         return model
 
     training.build_model = build_model_with_nan
-    run(lambda: training.fit(parse(TrainConfig)))
-''')
+'''
 
-# train.py, where rank 1 finds bad data in its second batch (a one-line UserError) and stops;
+# a patch of train.py where rank 1 finds bad data in its second batch (a one-line UserError) and stops;
 # it prints the time it failed, so the test measures how long the other rank takes to stop.
-RANK1_FAILS = textwrap.dedent('''
-    import os, sys, time
-    sys.path.insert(0, os.getcwd())
+RANK1_FAILS = '''
+    import time
     from flowers import data, training
-    from flowers.cli import run
-    from flowers.config import TrainConfig, parse
     from flowers.errors import UserError
 
     collate = data.collate
     batches = 0
 
-    def collate_failing_on_rank1(examples):
+    def collate_failing_on_rank1(examples, **options):
         global batches
         batches += 1
         if os.environ.get("RANK") == "1" and batches == 2:
             print(f"FAILED_AT {time.time()}", flush=True)
             raise UserError("bad data on rank 1: injected failure")
-        return collate(examples)
+        return collate(examples, **options)
 
     data.collate = collate_failing_on_rank1
-    run(lambda: training.fit(parse(TrainConfig)))
-''')
-
-
-def _write(tmp_path: Path, name: str, text: str) -> str:
-    script = tmp_path / name
-    script.write_text(text)
-    return str(script)
+'''
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +77,7 @@ NAN_RUN = ("--epochs", "3", "--run-name", "r", *TINY_TRAIN, "--batch-size", "4",
 
 
 def test_nan_loss_stops_in_one_line_naming_epoch_and_step_and_keeps_last_good(small_data, tmp_path):
-    script = _write(tmp_path, "train_nan.py", NAN_AT_BATCH)
+    script = patched_entry_script(tmp_path / "train_nan.py", NAN_AT_BATCH)
     out = tmp_path / "out"
     proc = run_cli("python", script, "--data", str(small_data), "--output-dir", str(out), *NAN_RUN,
                    env={"NAN_AT_BATCH": "5"}, check=False)
@@ -108,7 +92,7 @@ def test_nan_loss_stops_in_one_line_naming_epoch_and_step_and_keeps_last_good(sm
 
 
 def test_on_nan_skip_skips_the_poisoned_update_and_finishes(small_data, tmp_path):
-    script = _write(tmp_path, "train_nan.py", NAN_AT_BATCH)
+    script = patched_entry_script(tmp_path / "train_nan.py", NAN_AT_BATCH)
     out = tmp_path / "out"
     proc = run_cli("python", script, "--data", str(small_data), "--output-dir", str(out), *NAN_RUN,
                    "--on-nan", "skip", env={"NAN_AT_BATCH": "5"})
@@ -120,7 +104,7 @@ def test_on_nan_skip_skips_the_poisoned_update_and_finishes(small_data, tmp_path
 
 
 def test_one_failing_rank_stops_both_ranks_quickly_with_its_error(small_data, tmp_path):
-    script = _write(tmp_path, "train_rank1_fails.py", RANK1_FAILS)
+    script = patched_entry_script(tmp_path / "train_rank1_fails.py", RANK1_FAILS)
     started = time.time()
     proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
                    "--main_process_port", "29547", script, "--data", str(small_data), "--epochs", "2",

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from conftest import REPO, TINY_TRAIN, make_dataset, run_cli
+from conftest import REPO, TINY_TRAIN, make_dataset, patched_entry_script, run_cli
 from flowers import training
 from flowers.config import TrainConfig
 from flowers.engine import train_one_epoch
-from flowers.errors import UserError
 from flowers.model import build_model
 from flowers.nonfinite import NonFiniteGuard
 from flowers.optim import build_optimizer, build_scheduler
@@ -83,15 +81,11 @@ def test_resume_with_another_number_of_processes_is_refused_naming_both(flower_d
 
 # ---- DDP: per-rank dropout, the same EMA on every rank ----------------------------------------------
 
-# train.py recording, on each rank, which units the first training batch's dropout zeroed, and the
+# a patch of train.py recording, on each rank, which units the first training batch's dropout zeroed, and the
 # EMA weights at the end of the run.
-RECORD_RANKS = textwrap.dedent('''
-    import os, sys
-    sys.path.insert(0, os.getcwd())
+RECORD_RANKS = '''
     import torch
     from flowers import training
-    from flowers.cli import run
-    from flowers.config import TrainConfig, parse
 
     out = os.environ["RECORD"] + os.environ["RANK"]
     record, build_model, WeightEMA = {}, training.build_model, training.WeightEMA
@@ -111,15 +105,15 @@ RECORD_RANKS = textwrap.dedent('''
             record["ema"] = self
 
     training.build_model, training.WeightEMA = build_model_recording_dropout, RecordedEMA
-    run(lambda: training.fit(parse(TrainConfig)))
+'''
+SAVE_RECORD = '''
     torch.save({"dropped": record["dropped"], "ema": record["ema"].module.state_dict()}, out)
-''')
+'''
 
 
 @pytest.mark.slow
 def test_ddp_ranks_draw_their_own_dropout_and_keep_the_same_ema(tmp_path):
-    script = tmp_path / "train_recording.py"
-    script.write_text(RECORD_RANKS)
+    script = patched_entry_script(tmp_path / "train_recording.py", RECORD_RANKS, after=SAVE_RECORD)
     data = make_dataset(tmp_path / "flowers", per_class=5)
     out = tmp_path / "out"
     run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29563",
@@ -238,14 +232,11 @@ def test_train_loss_is_reported_without_label_smoothing_like_val_loss():
 
 # ---- an image that breaks after the up-front scan, under DDP ----------------------------------------
 
-# eval.py, where the first two validation photos are replaced by garbage after every process has
+# a patch of eval.py where the first two validation photos are replaced by garbage after every process has
 # loaded and scanned the split (so the images fail while batches are made, on the first process).
-BREAK_AFTER_SCAN = textwrap.dedent('''
+BREAK_AFTER_SCAN = '''
     import json, os, sys
-    sys.path.insert(0, os.getcwd())
     from flowers import evaluation
-    from flowers.cli import run
-    from flowers.config import EvalConfig, parse
     from flowers.data import image_paths
 
     warn_about_data = evaluation.warn_about_data
@@ -264,14 +255,12 @@ BREAK_AFTER_SCAN = textwrap.dedent('''
         return warn_about_data(accelerator, parts, class_names)
 
     evaluation.warn_about_data = break_two_photos_then_warn
-    run(lambda: evaluation.run_eval(parse(EvalConfig)))
-''')
+'''
 
 
 @pytest.mark.slow
 def test_images_failing_mid_run_are_left_out_alike_by_two_ranks_and_one(tmp_path):
-    script = tmp_path / "eval_breaking.py"
-    script.write_text(BREAK_AFTER_SCAN)
+    script = patched_entry_script(tmp_path / "eval_breaking.py", BREAK_AFTER_SCAN, entry="eval")
     data = make_dataset(tmp_path / "flowers", per_class=6)  # 30 photos: 6 validation
     out = tmp_path / "out"
     run_cli("python", "train.py", "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--run-name", "r",
@@ -293,13 +282,10 @@ def test_images_failing_mid_run_are_left_out_alike_by_two_ranks_and_one(tmp_path
 
 # ---- several nodes: per-node work on each node's local main process ----------------------------------
 
-# train.py logging when each process enters and leaves the data loading (which fills the node's caches)
-LOG_DATA_LOADING = textwrap.dedent('''
+# a patch of train.py logging when each process enters and leaves the data loading (which fills the node's caches)
+LOG_DATA_LOADING = '''
     import json, os, sys, time
-    sys.path.insert(0, os.getcwd())
     from flowers import training
-    from flowers.cli import run
-    from flowers.config import TrainConfig, parse
 
     load_splits = training.load_splits
 
@@ -313,16 +299,14 @@ LOG_DATA_LOADING = textwrap.dedent('''
         return splits
 
     training.load_splits = logged_load_splits
-    run(lambda: training.fit(parse(TrainConfig)))
-''')
+'''
 
 
 @pytest.mark.slow
 def test_on_every_node_the_local_main_process_loads_the_data_before_the_others(tmp_path):
     """Two "nodes" on localhost (2 processes each, gloo), each with its own caches: on node 1 the
     second process used to start at once with the first, both filling the same empty cache."""
-    script = tmp_path / "train_logging.py"
-    script.write_text(LOG_DATA_LOADING)
+    script = patched_entry_script(tmp_path / "train_logging.py", LOG_DATA_LOADING)
     data = make_dataset(tmp_path / "flowers", per_class=5)
     log = tmp_path / "log.jsonl"
     nodes = []
