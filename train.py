@@ -1,4 +1,4 @@
-"""Fine-tune ResNet18 on a folder of photos.
+"""Fine-tune a torchvision classifier (ResNet18 unless --arch says otherwise) on a folder of photos.
 
     accelerate launch train.py --lr 1e-3 --epochs 25 [--data PATH] [--config FILE]
 """

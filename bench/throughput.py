@@ -252,7 +252,7 @@ def main() -> None:
         started = time.perf_counter()
         splits = resized_splits(splits, eval_size(cfg.image_size))
         results["cache_resized_s"] = time.perf_counter() - started
-    model = build_model(len(splits.class_names), cfg.weights, dropout=cfg.dropout)
+    model = build_model(len(splits.class_names), cfg.weights, dropout=cfg.dropout, arch=cfg.arch)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))

@@ -210,13 +210,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint folder describes and load its weights."""
-    from flowers.model import build_model, load_model_weights
+    """Rebuild the model a checkpoint folder describes (its recorded architecture: resnet18 for
+    checkpoints older than --arch) and load its weights."""
+    from flowers.model import DEFAULT_ARCH, build_model, load_model_weights
 
     meta = load_meta(path)
     state = load_weights(path)
     try:
-        model = build_model(int(meta["num_classes"]), "none", dropout=float(meta["config"].get("dropout", 0.0)))
+        model = build_model(int(meta["num_classes"]), "none", dropout=float(meta["config"].get("dropout", 0.0)),
+                            arch=str(meta.get("arch") or DEFAULT_ARCH))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}/{META_FILE} lacks a valid {e}") from None
     load_model_weights(model, state, source=str(path))

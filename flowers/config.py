@@ -36,6 +36,9 @@ class TrainConfig:
     lr: float = arg(2e-3, "peak learning rate")
     batch_size: int = arg(32, "images per step per process")
     grad_accum_steps: int = arg(1, "gradient accumulation steps per optimizer step")
+    arch: str = arg("resnet18", "torchvision classifier to fine-tune, e.g. resnet50, mobilenet_v3_small, "
+                    "efficientnet_b0, convnext_tiny, regnet_y_400mf, vit_b_16 (224 px only), swin_t; any of "
+                    "torchvision.models.list_models(module=torchvision.models) whose classifier ends in a Linear")
     image_size: int = arg(224, "training/evaluation crop size in pixels")
     weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint")
     seed: int = arg(42, "seed for the split, initialisation and data order")
@@ -85,6 +88,8 @@ class TrainConfig:
         check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         check(self.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {self.grad_accum_steps}")
         check(self.image_size >= 32, f"--image-size must be at least 32, got {self.image_size}")
+        from flowers.model import check_arch  # not at the top: torchvision, for train configs only
+        check_arch(self.arch, self.image_size)
         check(0 < self.val_split < 1, f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
         check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         check(self.step_size >= 1, f"--step-size must be at least 1, got {self.step_size}")
@@ -131,6 +136,22 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# test-time augmentation of eval.py and predict (engine.predict_logits)
+TTA_CHOICES = ["none", "flip"]
+
+
+def tta_arg() -> Any:
+    """eval.py's and predict's --tta."""
+    return arg("none", "test-time augmentation: flip averages the softmax probabilities of each image and its "
+               "horizontal mirror", choices=TTA_CHOICES)
+
+
+def eval_size_arg() -> Any:
+    """eval.py's and predict's --eval-size."""
+    return arg(None, "centre crop in pixels (the resize before it keeps the 256/224 ratio); default: the "
+               "checkpoint's image size")
+
+
 @dataclass
 class EvalConfig:
     ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
@@ -149,6 +170,8 @@ class EvalConfig:
         None, "precision of the forward pass; default: the one `accelerate launch --mixed_precision` sets, else "
         "the precision the checkpoint was trained in when this machine has the same kind of device (GPU or "
         "CPU), else no (fp32)", choices=["no", "fp16", "bf16"])
+    tta: str = tta_arg()
+    eval_size: Optional[int] = eval_size_arg()
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:
@@ -162,6 +185,13 @@ class EvalConfig:
         check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
         check(bool(self.ckpt), "--ckpt must be best, last or a path")
         check_output_dir(self.output_dir)
+        check_tta(self.tta, self.eval_size)
+
+
+def check_tta(tta: str, eval_size: Optional[int]) -> None:
+    """--tta and --eval-size, shared by eval.py and predict."""
+    check(tta in TTA_CHOICES, f"--tta must be one of {', '.join(TTA_CHOICES)}, got {tta}")
+    check(eval_size is None or eval_size >= 32, f"--eval-size must be at least 32, got {eval_size}")
 
 
 def is_plain_name(name: str) -> bool:
@@ -185,6 +215,8 @@ class PredictConfig:
     top_k: int = arg(2, "classes to show per image, most probable first")
     output: Optional[str] = arg(None, "also write the predictions to this .csv or .json file")
     batch_size: int = arg(32, "images per forward pass")
+    tta: str = tta_arg()
+    eval_size: Optional[int] = eval_size_arg()
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:
@@ -193,6 +225,7 @@ class PredictConfig:
         check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         check(self.output is None or self.output.lower().endswith((".csv", ".json")),
               f"--output {self.output}: the file name must end in .csv or .json")
+        check_tta(self.tta, self.eval_size)
 
 
 @dataclass
@@ -207,6 +240,23 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check(self.format in ("onnx", "torchscript"), f"format must be onnx or torchscript, got {self.format}")
 
+
+
+@dataclass
+class CompareConfig:
+    group: Optional[str] = arg(None, "the group to report on: runs trained with --group NAME")
+    output_dir: str = arg("outputs", "where training wrote its run folders")
+    out: Optional[str] = arg(None, "folder for report.md and its PNGs; default: <output-dir>/compare-<group>")
+    wandb_entity: Optional[str] = arg(None, "W&B entity of the online report; default: $WANDB_ENTITY, else your "
+                                      "key's default entity")
+    wandb_project: Optional[str] = arg(None, "W&B project of the runs; default: the one the runs recorded, else "
+                                       "$WANDB_PROJECT, else flowers")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+
+    def __post_init__(self) -> None:
+        check(bool(self.group and self.group.strip()),
+              "give --group NAME: the group the runs were trained with (train.py --group NAME)")
+        check_output_dir(self.output_dir)
 
 def check(condition: bool, message: str) -> None:
     if not condition:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -120,17 +121,36 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                       seconds=time.perf_counter() - start)
 
 
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's class scores for a batch: its logits, or with tta="flip" the log of the mean
+    of the softmax probabilities of each image and its horizontal mirror.
+
+    Probabilities rather than logits are averaged so that each view gets one vote on the same
+    0-1 scale (an over-confident view cannot outvote the other with a large logit), and the
+    result is what we report: the mean probability. Its log is a valid logit vector
+    (softmax(log p) = p), so softmax, argmax and cross-entropy downstream work unchanged.
+    One place for eval.py and predict, so both average the same way."""
+    if tta == "none":
+        return model(images)
+    if tta != "flip":
+        raise ValueError(f"unknown test-time augmentation {tta!r}")
+    views = torch.stack([F.log_softmax(model(images).float(), dim=1),
+                         F.log_softmax(model(images.flip(-1)).float(), dim=1)])
+    return torch.logsumexp(views, dim=0) - math.log(2)
+
+
 @torch.inference_mode()
 def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "eval",
-             channels_last: bool = True) -> EvalOutput:
-    """Scores, labels and per-example losses for every example exactly once, on every process."""
+             channels_last: bool = True, tta: str = "none") -> EvalOutput:
+    """Scores, labels and per-example losses for every example exactly once, on every process
+    (scores: logits; with `tta`, see predict_logits)."""
     model.eval()
     release_freed_memory()  # before the loader's workers may be forked (see release_freed_memory)
     scores, labels, losses = [], [], []
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                       disable=not show_progress(accelerator)):
-        logits = model(_images(batch, channels_last)).float()
+        logits = predict_logits(model, _images(batch, channels_last), tta).float()
         per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
         # every process gathers batches of equal size; images that did not decode are left out after
         logits, batch_labels, per_example, valid = accelerator.gather_for_metrics(

@@ -47,10 +47,30 @@ def _select_images(cfg: EvalConfig, meta: dict) -> tuple[Dataset, list[Dataset],
     return chosen, [splits.train, splits.val], splits.class_names, split, source
 
 
-def _report_dir(ckpt_dir: Path, cfg: EvalConfig, split: str) -> Path:
+def _report_dir(ckpt_dir: Path, cfg: EvalConfig, split: str, meta: dict) -> Path:
+    """<run>/eval-<ckpt>[-<data>]-<split>[-tta-<tta>][-<size>]: TTA or another size never
+    overwrites the plain report."""
     data_tag = f"-{Path(cfg.data).expanduser().resolve().name}" if cfg.data else ""
     name = ckpt_dir.name.removesuffix(".old")  # best.old: read while a save swapped it (checkpoint._readable)
-    return ckpt_dir.parent / f"eval-{name}{data_tag}-{split}"
+    tta_tag = f"-tta-{cfg.tta}" if cfg.tta != "none" else ""
+    size = eval_crop(cfg, meta)
+    size_tag = f"-{size}" if size != int(meta["image_size"]) else ""
+    return ckpt_dir.parent / f"eval-{name}{data_tag}-{split}{tta_tag}{size_tag}"
+
+
+def eval_crop(cfg: EvalConfig, meta: dict) -> int:
+    """The centre crop evaluated: --eval-size, else the size the checkpoint was trained at."""
+    return cfg.eval_size or int(meta["image_size"])
+
+
+def is_plain(cfg: EvalConfig, meta: dict) -> bool:
+    """No TTA, at the trained size: the evaluation that training recorded an accuracy for."""
+    return cfg.tta == "none" and eval_crop(cfg, meta) == int(meta["image_size"])
+
+
+def setting_label(tta: str, size: int) -> str:
+    """How a result's evaluation setting is labelled in tables and titles, e.g. "TTA: flip, 160 px"."""
+    return f"TTA: {tta}, {size} px"
 
 
 def _probabilities(scores: np.ndarray) -> np.ndarray:
@@ -112,24 +132,25 @@ def run_eval(cfg: EvalConfig) -> dict:
     warn_about_data(accelerator, all_parts, class_names)
 
     norm = meta["normalization"]
-    transform = eval_transform(int(meta["image_size"]), norm["mean"], norm["std"])
+    size = eval_crop(cfg, meta)
+    transform = eval_transform(size, norm["mean"], norm["std"])
     device_type = accelerator.device.type
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device_type)
     loader = make_loader(with_transform(dataset, transform), cfg.batch_size or int(train_cfg.get("batch_size", 32)),
-                         shuffle=False, workers=workers, device_type=device_type, image_size=int(meta["image_size"]))
+                         shuffle=False, workers=workers, device_type=device_type, image_size=size)
     channels_last = bool(train_cfg.get("channels_last", True))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, loader = accelerator.prepare(model, loader)
-    out = evaluate(accelerator, model, loader, desc=f"eval {split}", channels_last=channels_last)
+    out = evaluate(accelerator, model, loader, desc=f"eval {split}", channels_last=channels_last, tta=cfg.tta)
     metrics = compute_metrics(out.scores, out.labels, len(class_names), top_k=cfg.top_k, losses=out.losses)
     result = {"checkpoint": str(ckpt_dir), "data": source, "split": split, "epoch": meta.get("epoch"),
               "class_names": class_names, "processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,
+              "mixed_precision": accelerator.mixed_precision, "tta": cfg.tta, "eval_size": size,
               "seconds": out.seconds, "images_per_s": len(out.labels) / out.seconds if out.seconds else None,
               "metrics": metrics}
 
-    report_dir = _report_dir(ckpt_dir, cfg, split)
+    report_dir = _report_dir(ckpt_dir, cfg, split, meta)
     if accelerator.is_main_process:
         _write_report(report_dir, result, dataset, out, meta, cfg)
         accelerator.print(f"results written to {report_dir}")
@@ -151,18 +172,24 @@ def _write_report(report_dir: Path, result: dict, dataset: Dataset, out: EvalOut
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "results.json").write_text(json.dumps(result, indent=2))
     _write_predictions(report_dir / "predictions.csv", files, out, probs, class_names)
-    title = f"{split}: {metrics['num_samples']} images, accuracy {metrics['accuracy']:.1%}"
+    label = setting_label(result["tta"], result["eval_size"])
+    title = f"{split} ({label}): {metrics['num_samples']} images, accuracy {metrics['accuracy']:.1%}"
     report.plot_confusion(metrics["confusion_matrix"], class_names, title, report_dir / "confusion_matrix.png")
     _plot_mistakes(dataset, result["mistakes"], f"most confidently wrong ({split})", report_dir / "mistakes.png")
 
     print(f"checkpoint: {result['checkpoint']} (epoch {result['epoch']})  data: {result['data']} ({split})")
+    print(label)
     print(report.metrics_table(metrics, class_names))
     print(f"{metrics['num_samples']} images in {result['seconds']:.1f}s ({result['images_per_s']:.1f} img/s, "
           f"{result['processes']} process(es))")
     recorded = meta.get("metrics", {}).get("val_accuracy")
     if split == "val" and not cfg.data and recorded is not None:
-        print(recorded_accuracy_verdict(recorded, metrics["accuracy"], metrics["num_samples"],
-                                        _recorded_precision(meta), result["mixed_precision"]))
+        if is_plain(cfg, meta):
+            print(recorded_accuracy_verdict(recorded, metrics["accuracy"], metrics["num_samples"],
+                                            _recorded_precision(meta), result["mixed_precision"]))
+        else:
+            print(f"accuracy with {label}: {metrics['accuracy']:.2%}; the accuracy recorded at training time, "
+                  f"{recorded:.2%}, is for plain evaluation at {meta['image_size']} px")
 
 
 def _recorded_precision(meta: dict) -> str:

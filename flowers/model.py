@@ -1,62 +1,194 @@
-"""ResNet18 with its head replaced for our classes; initial weights from ImageNet, none, or a file."""
+"""A torchvision classifier (`--arch`, default resnet18) with its head replaced for our classes;
+initial weights from ImageNet, none, or a file.
+
+Any model of `torchvision.models.list_models(module=torchvision.models)` whose classifier ends in
+an nn.Linear is built through torchvision's registry; its head is that last nn.Linear wherever the
+model keeps it (fc, classifier.1, heads.head, head ...), so nothing here is written per model.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import torchvision.models
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models import get_model, get_model_weights
 
 from flowers.checkpoint import WRAPPER_PREFIXES, without_wrapper_prefixes
 from flowers.errors import UserError
 
-ARCH = "resnet18"
+DEFAULT_ARCH = "resnet18"
 
 
-def initial_state(weights: str) -> Optional[dict[str, torch.Tensor]]:
-    """The state dict `--weights` names: imagenet, none (-> None), or a path. Fails fast, in one line."""
+def initial_state(weights: str, arch: str = DEFAULT_ARCH) -> Optional[dict[str, torch.Tensor]]:
+    """The state dict `--weights` names: imagenet (that of `arch`), none (-> None), or a path. Fails
+    fast, in one line."""
     if weights == "none":
         return None
     if weights == "imagenet":
-        return _imagenet_state_dict()
+        return _imagenet_state_dict(arch)
     return load_state_dict_file(weights)
 
 
-def build_model(num_classes: int, weights: Union[str, dict, None] = None, dropout: float = 0.0) -> nn.Module:
-    """ResNet18 with a `num_classes` head.
+def build_model(num_classes: int, weights: Union[str, dict, None] = None, dropout: float = 0.0,
+                arch: str = DEFAULT_ARCH) -> nn.Module:
+    """The `arch` classifier with a `num_classes` head (behind a Dropout when `dropout` > 0).
 
     `weights`: a `--weights` value (imagenet, none, a path) or a state dict from initial_state().
     The backbone always loads; a saved head loads only when it has our shape (our checkpoints).
+    The model's `arch` attribute names its architecture (for messages and checks).
     """
-    state = initial_state(weights) if isinstance(weights, str) else weights
-    model = resnet18(weights=None)
+    check_arch(arch)
+    state = initial_state(weights, arch) if isinstance(weights, str) else weights
+    model = get_model(arch, weights=None)
+    model.arch = arch
     if state is not None:
         _load_backbone(model, state)
-    in_features = model.fc.in_features
-    head = nn.Linear(in_features, num_classes)
-    model.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
+    _replace_head(model, num_classes, dropout)
     if state is not None:
         _load_head_if_matching(model, state)
     return model
 
 
-def imagenet_cache_path() -> Path:
-    url = ResNet18_Weights.IMAGENET1K_V1.url
+# ---- which architectures, and which image sizes ------------------------------------------------------
+
+def classifier_names() -> list[str]:
+    """torchvision's image classifiers (not its detection, segmentation, video or quantized models)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_arch(arch: str, image_size: Optional[int] = None) -> None:
+    """One line when `--arch` names no classifier we can fine-tune, or `--image-size` does not fit
+    it (ViT takes one size only; small inputs vanish in some networks). Checked on a model without
+    memory (meta device), so it costs a fraction of a second and no download."""
+    skeleton(arch)
+    if image_size is not None:
+        _check_image_size(arch, image_size)
+
+
+def _unknown_arch(arch: str) -> str:
+    if arch.startswith("quantized_"):
+        return (f"--arch {arch}: quantized models are int8 models for inference and cannot be fine-tuned; "
+                f"use --arch {arch.removeprefix('quantized_')}")
+    if arch in torchvision.models.list_models():
+        return f"--arch {arch}: a torchvision model, but not an image classifier (detection, segmentation or video)"
+    close = difflib.get_close_matches(arch.lower(), classifier_names(), n=4, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else "e.g. resnet18, mobilenet_v3_small, efficientnet_b0"
+    return (f"--arch {arch}: not a torchvision classification model ({hint}; all of them: "
+            "torchvision.models.list_models(module=torchvision.models))")
+
+
+@functools.lru_cache(maxsize=None)
+def skeleton(arch: str) -> nn.Module:
+    """`arch` on the meta device (shapes, no data), after checking that we can replace its head.
+    Cached and shared: read it, never change it."""
+    if arch not in classifier_names():
+        raise UserError(_unknown_arch(arch))
+    from accelerate import init_empty_weights
+
+    # Parameters go to the meta device as they are made (their initialisation draws no random numbers
+    # of the run); other tensors stay real, as RegNet reads its block widths back while building.
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # Inception's and GoogLeNet's initialisation notice
+        model = get_model(arch, weights=None)
+    model.to("meta")
+    if getattr(model, "aux_logits", False):
+        raise UserError(f"--arch {arch} is not supported: it returns auxiliary classifier outputs while training "
+                        "(Inception/GoogLeNet), which this training loop does not combine")
+    if _last_linear(model) is None:
+        raise UserError(f"--arch {arch} is not supported: its classifier is not an nn.Linear (e.g. SqueezeNet's "
+                        "convolutional head), so there is no head to replace")
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _check_image_size(arch: str, image_size: int) -> None:
+    """A forward pass of a meta-device image: shape errors without any arithmetic."""
+    model = skeleton(arch)
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except Exception as e:  # an assertion (ViT) or a shape error deep inside the network
+        fixed = getattr(model, "image_size", None)  # VisionTransformer's only input size
+        if isinstance(fixed, int):
+            raise UserError(f"--arch {arch} takes {fixed} px images only (torchvision's VisionTransformer); "
+                            f"use --image-size {fixed}, not {image_size}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        minimum = get_model_weights(arch).DEFAULT.meta.get("min_size", ("?",))[0]
+        raise UserError(f"--image-size {image_size} does not fit --arch {arch} ({reason[:160]}); its ImageNet "
+                        f"weights were made for {minimum} px and up") from None
+
+
+# ---- the head ----------------------------------------------------------------------------------
+
+class DropoutHead(nn.Sequential):
+    """`--dropout`'s head: Dropout, then the new Linear (keys `<head>.1.*`), in the place of the
+    model's own last Linear. A class of its own so that head_name() tells it from a model's own
+    Sequential (EfficientNet's classifier is a Dropout and a Linear too)."""
+
+    def __init__(self, p: float, linear: nn.Linear):
+        super().__init__(nn.Dropout(p), linear)
+
+
+def _last_linear(model: nn.Module) -> Optional[str]:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
+
+
+def head_name(model: nn.Module) -> str:
+    """Where the classification head sits (fc, classifier.1, heads.head, head ...): the model's last
+    nn.Linear, or the DropoutHead holding ours. Its parameters are `<head_name>.*`."""
+    name = _last_linear(model)
+    if name is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head")
+    parent = name.rpartition(".")[0]
+    return parent if parent and isinstance(model.get_submodule(parent), DropoutHead) else name
+
+
+def in_head(key: str, head: str) -> bool:
+    """Whether a parameter/state-dict key belongs to the head named `head` (see head_name)."""
+    return key.startswith(head + ".")
+
+
+def _replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    name = head_name(model)
+    parent, _, attribute = name.rpartition(".")
+    linear = nn.Linear(model.get_submodule(name).in_features, num_classes)
+    setattr(model.get_submodule(parent) if parent else model, attribute,
+            DropoutHead(dropout, linear) if dropout > 0 else linear)
+
+
+def arch_of(model: nn.Module) -> str:
+    """The architecture build_model() built (see its `arch` attribute)."""
+    return getattr(model, "arch", type(model).__name__)
+
+
+# ---- initial weights ---------------------------------------------------------------------------
+
+def imagenet_cache_path(arch: str = DEFAULT_ARCH) -> Path:
+    """Where torch keeps `arch`'s default ImageNet weights (under $TORCH_HOME)."""
+    url = get_model_weights(arch).DEFAULT.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def _imagenet_state_dict() -> dict:
-    """torchvision's ImageNet weights: from the torch cache, else downloaded (real users are online)."""
+def _imagenet_state_dict(arch: str) -> dict:
+    """torchvision's default ImageNet weights of `arch`: from the torch cache, else downloaded (real
+    users are online). Loaded by torchvision's own builder, which also renames the keys of old
+    weight files (DenseNet's)."""
     try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        return get_model(arch, weights=get_model_weights(arch).DEFAULT).state_dict()
     except Exception as e:  # offline (URLError), proxy, corrupt cache
+        cached = imagenet_cache_path(arch)
         raise UserError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at "
-            f"{imagenet_cache_path()} (or set $TORCH_HOME), pass --weights PATH, or use --weights none"
+            f"ImageNet weights unavailable ({type(e).__name__}): put {cached.name} at "
+            f"{cached} (or set $TORCH_HOME), pass --weights PATH, or use --weights none"
         ) from None
 
 
@@ -91,25 +223,23 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return without_wrapper_prefixes(state)  # DDP's module., torch.compile's _orig_mod., in any combination
 
 
-def _is_head(key: str) -> bool:
-    return key.startswith("fc.")
-
-
 def match_head_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A head saved with or without dropout (fc.1.* vs fc.*) fits a model built the other way."""
-    with_dropout = "fc.1.weight" in model.state_dict()
+    """A head saved with or without dropout (e.g. fc.1.* vs fc.*) fits a model built the other way."""
+    head = head_name(model)
+    prefix = head + (".1." if isinstance(model.get_submodule(head), DropoutHead) else ".")
     renamed = {}
     for key, value in state.items():
-        if key.startswith("fc."):
-            key = "fc." + key.removeprefix("fc.1.").removeprefix("fc.")
-            key = key.replace("fc.", "fc.1.", 1) if with_dropout else key
+        if in_head(key, head):  # the Linear's own keys are weight and bias: a leading "1." is the Dropout's slot
+            key = prefix + key.removeprefix(head + ".").removeprefix("1.")
         renamed[key] = value
     return renamed
 
 
-def describe_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> Optional[str]:
-    """None when `theirs` loads strictly into a model whose state dict is `ours`; else one sentence:
-    how many keys are missing, unexpected or of another shape, a few of them, and the likely cause."""
+def describe_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], head: str,
+                      arch: str) -> Optional[str]:
+    """None when `theirs` loads strictly into an `arch` model whose state dict is `ours` (its head
+    named `head`); else one sentence: how many keys are missing, unexpected or of another shape, a
+    few of them, and the likely cause."""
     # BatchNorm fills in a missing num_batches_tracked (state dicts older than torch 0.4.1 lack it)
     missing = [k for k in ours if k not in theirs and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in theirs if k not in ours]
@@ -121,41 +251,45 @@ def describe_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
     if reshaped:
         shapes = ", ".join(f"{k} {list(theirs[k].shape)} instead of {list(ours[k].shape)}" for k in reshaped[:2])
         parts.append(f"{len(reshaped)} of another shape (e.g. {shapes})")
-    return "; ".join(parts) + f"; likely cause: {_likely_cause(missing, unexpected, reshaped)}"
+    cause = _likely_cause(missing, unexpected, reshaped, head, arch)
+    return "; ".join(parts) + f"; likely cause: {cause}"
 
 
-def _likely_cause(missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:
+def _likely_cause(missing: list[str], unexpected: list[str], reshaped: list[str], head: str, arch: str) -> str:
     if unexpected and all(k.startswith(WRAPPER_PREFIXES) for k in unexpected):
         return "the keys carry a wrapper prefix (DDP's module. or torch.compile's _orig_mod.)"
-    if all(_is_head(k) for k in missing + unexpected + reshaped):
+    if all(in_head(k, head) for k in missing + unexpected + reshaped):
         if reshaped:
             return "trained for another number of classes (only the classification head differs)"
-        return "a head saved with --dropout loaded without it, or the reverse (fc.1.* vs fc.*)"
+        return f"a head saved with --dropout loaded without it, or the reverse ({head}.1.* vs {head}.*)"
     if missing or unexpected:
-        return f"weights of another architecture than {ARCH} (e.g. a deeper ResNet)"
-    return f"a modified {ARCH} (layers of other sizes)"
+        return f"weights of another architecture than {arch} (e.g. a deeper variant, or another --arch)"
+    return f"a modified {arch} (layers of other sizes)"
 
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    backbone = {k: v for k, v in state.items() if not _is_head(k)}
-    problem = describe_mismatch({k: v for k, v in model.state_dict().items() if not _is_head(k)}, backbone)
+    head, arch = head_name(model), arch_of(model)
+    backbone = {k: v for k, v in state.items() if not in_head(k, head)}
+    ours = {k: v for k, v in model.state_dict().items() if not in_head(k, head)}
+    problem = describe_mismatch(ours, backbone, head, arch)
     if problem:
-        raise UserError(f"weights do not fit {ARCH}: {problem}")
+        raise UserError(f"weights do not fit {arch}: {problem}")
     model.load_state_dict(backbone, strict=False)
 
 
 def _load_head_if_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Keep a saved head when it has our shape (our own checkpoints, with or without --dropout);
     else the fresh one stays."""
-    ours = {k: v for k, v in model.state_dict().items() if _is_head(k)}
-    theirs = {k: v for k, v in match_head_keys(state, model).items() if _is_head(k)}
+    head = head_name(model)
+    ours = {k: v for k, v in model.state_dict().items() if in_head(k, head)}
+    theirs = {k: v for k, v in match_head_keys(state, model).items() if in_head(k, head)}
     if set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours):
         model.load_state_dict(theirs, strict=False)
 
 
 def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Optional[str] = None) -> None:
     """Load a full state dict (ours) strictly; a mismatch is one sentence (see describe_mismatch)."""
-    problem = describe_mismatch(model.state_dict(), state)
+    problem = describe_mismatch(model.state_dict(), state, head_name(model), arch_of(model))
     if problem:
         raise UserError(f"{source or 'weights'} do not fit this model: {problem}")
     model.load_state_dict(state, strict=True)

@@ -1,6 +1,7 @@
 """Predict the classes of photos with a trained checkpoint (only the checkpoint folder is needed).
 
     python -m flowers.predict --ckpt best photo.jpg more_photos/ [--top-k 3] [--output predictions.csv]
+                              [--tta flip] [--eval-size 160]
 
 Prints one line per image with its top-k classes and probabilities. A file that cannot be read as
 an image gets one line on stderr and the others are still predicted; the exit status is then 1.
@@ -21,6 +22,7 @@ from PIL import Image
 from flowers import checkpoint, imagefiles
 from flowers.cli import run
 from flowers.config import PredictConfig, parse
+from flowers.engine import predict_logits
 from flowers.transforms import eval_transform
 
 @dataclass
@@ -67,7 +69,7 @@ def predict(cfg: PredictConfig) -> list[Prediction]:
     model = model.to(device).eval()
     class_names = meta["class_names"]
     norm = meta["normalization"]
-    transform = eval_transform(int(meta["image_size"]), norm["mean"], norm["std"])
+    transform = eval_transform(cfg.eval_size or int(meta["image_size"]), norm["mean"], norm["std"])
     k = min(cfg.top_k, len(class_names))
 
     results = []
@@ -85,7 +87,8 @@ def predict(cfg: PredictConfig) -> list[Prediction]:
             results.append(Prediction(path, error=problem))
             _say_skipped(results[-1])
         if tensors:
-            probs = torch.softmax(model(torch.stack(tensors).to(device)).float(), dim=1).cpu()
+            logits = predict_logits(model, torch.stack(tensors).to(device), cfg.tta)
+            probs = torch.softmax(logits.float(), dim=1).cpu()
             top_probs, top_ids = probs.topk(k, dim=1)
             for prediction, p_row, id_row in zip(readable, top_probs.tolist(), top_ids.tolist()):
                 prediction.top = [(class_names[i], p) for i, p in zip(id_row, p_row)]

@@ -11,6 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
 from flowers.config import TrainConfig
+from flowers.model import head_name, in_head
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,16 +34,15 @@ def make_batch_transform(cfg: TrainConfig, num_classes: int) -> Optional[BatchTr
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def is_head(name: str) -> bool:
-    return name.startswith("fc.")
-
-
 def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if not is_head(name)]
+    head = head_name(model)
+    return [p for name, p in model.named_parameters() if not in_head(name, head)]
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if is_head(name)]
+    """The classification head's parameters, wherever the architecture keeps it (see model.head_name)."""
+    head = head_name(model)
+    return [p for name, p in model.named_parameters() if in_head(name, head)]
 
 
 def freeze_for_whole_run(cfg: TrainConfig) -> bool:

@@ -1,5 +1,6 @@
-"""Human-readable evaluation output: the per-class table, the confusion-matrix PNG and the grid
-of the most confidently wrong images (matplotlib, Agg backend: no display needed)."""
+"""Human-readable evaluation output: the per-class table, the confusion-matrix PNG, the grid of
+the most confidently wrong images, and the learning curves of a group of runs (flowers.compare)
+(matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,41 @@ def plot_mistakes(images: list[Image.Image], captions: list[str], title: str, pa
     if not images:
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
     fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(curves: dict[str, dict[str, list[float]]], path: Path,
+                         best: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Curves of several runs side by side: accuracy, loss (validation solid, training dashed) and
+    learning rate per epoch. `curves[run]` holds the lists epoch, val_accuracy, train_accuracy,
+    val_loss, train_loss and lr; `best[run]` = (epoch, val accuracy) is marked with a dot."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (acc_ax, loss_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.6), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, c) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        acc_ax.plot(c["epoch"], [100 * a for a in c["val_accuracy"]], color=colour, label=f"{run} val")
+        acc_ax.plot(c["epoch"], [100 * a for a in c["train_accuracy"]], color=colour, ls="--", label=f"{run} train")
+        loss_ax.plot(c["epoch"], c["val_loss"], color=colour, label=f"{run} val")
+        loss_ax.plot(c["epoch"], c["train_loss"], color=colour, ls="--", label=f"{run} train")
+        lr_ax.plot(c["epoch"], c["lr"], color=colour, label=run)
+        if best and run in best:
+            acc_ax.plot(best[run][0], 100 * best[run][1], "o", color=colour)
+    for ax, title, unit in ((acc_ax, "accuracy", "%"), (loss_ax, "cross-entropy loss", ""),
+                            (lr_ax, "learning rate", "")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if any(v > 0 for c in curves.values() for v in c["lr"]):
+        lr_ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

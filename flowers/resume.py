@@ -167,15 +167,21 @@ def resolve_init(init_from: str, output_dir: str) -> Path:
 
 
 def load_init_weights(model: nn.Module, path: Path, class_names: list[str]) -> dict[str, Any]:
-    """Load a checkpoint's weights into `model`; returns what the new run's metadata records."""
-    from flowers.model import load_model_weights, match_head_keys
+    """Load a checkpoint's weights into `model` (built for the same --arch); returns what the new
+    run's metadata records."""
+    from flowers.model import DEFAULT_ARCH, arch_of, head_name, in_head, load_model_weights, match_head_keys
 
     meta = checkpoint.load_meta(path)
+    saved_arch, arch = meta.get("arch", DEFAULT_ARCH), arch_of(model)
+    if saved_arch != arch:
+        raise UserError(f"--init-from {path}: it holds a {saved_arch} model and this run builds {arch}; "
+                        f"start from it with --arch {saved_arch}")
     state = match_head_keys(checkpoint.load_weights(path), model)
     same_classes = meta.get("class_names") == class_names
     if not same_classes:  # other classes: keep the backbone, train a new head
-        head = {k: v for k, v in model.state_dict().items() if k.startswith("fc.")}
-        state = {**{k: v for k, v in state.items() if not k.startswith("fc.")}, **head}
+        head = head_name(model)
+        fresh = {k: v for k, v in model.state_dict().items() if in_head(k, head)}
+        state = {**{k: v for k, v in state.items() if not in_head(k, head)}, **fresh}
         print(f"note: {path} was trained on other classes ({meta.get('class_names')}); using its backbone "
               "with a new head")
     load_model_weights(model, state, source=str(path))

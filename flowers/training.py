@@ -21,7 +21,7 @@ from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_split
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
 from flowers.engine import EpochStats, evaluate, train_one_epoch
-from flowers.model import ARCH, build_model, initial_state
+from flowers.model import build_model, initial_state
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
@@ -65,7 +65,7 @@ def checkpoint_meta(cfg: TrainConfig, splits: Splits, run_name: str, epoch: int,
     """Everything needed to use a checkpoint on its own (see checkpoint.py)."""
     return {
         "format_version": 1,
-        "arch": ARCH,
+        "arch": cfg.arch,
         "num_classes": len(splits.class_names),
         "class_names": splits.class_names,
         "image_size": cfg.image_size,
@@ -113,7 +113,7 @@ def fit(cfg: TrainConfig) -> Path:
     # node's other processes then reuse it. Resuming restores the weights from last/, and
     # --init-from loads its own, so then the initial ones are not needed.
     with accelerator.local_main_process_first():
-        init_state = initial_state("none" if resume_dir or init_path else cfg.weights)
+        init_state = initial_state("none" if resume_dir or init_path else cfg.weights, cfg.arch)
         # a resumed run keeps its validation split (runs saved before val_from was recorded split train)
         val_from = saved_meta.get("data", {}).get("val_from") if resume_dir else AUTO
         splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict, val_from)
@@ -131,7 +131,7 @@ def fit(cfg: TrainConfig) -> Path:
                       f"processes: {accelerator.num_processes}  device: {accelerator.device}  "
                       f"precision: {accelerator.mixed_precision}")
 
-    model = build_model(len(splits.class_names), init_state, dropout=cfg.dropout)
+    model = build_model(len(splits.class_names), init_state, dropout=cfg.dropout, arch=cfg.arch)
     if resume_dir:
         init_info = saved_meta.get("init_from")
     else:

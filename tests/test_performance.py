@@ -139,7 +139,7 @@ def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
 
     def epochs(workers: int) -> list[torch.Tensor]:
         loader = make_loader(SeededAugmentation(train, train_transform(32), seed=3), batch_size=8, shuffle=False,
-                             workers=workers, device_type="cpu", seed=3)
+                             workers=workers, device_type="cpu", image_size=32, seed=3)
         images = []
         for epoch in range(3):
             loader.dataset.epoch = epoch  # as resume.epoch_loader does before every epoch
@@ -168,5 +168,6 @@ def test_cpu_training_workers_yield_the_cores_to_the_model():
     the model's threads leave instead of preempting them; for a GPU they keep normal priority."""
     base = os.nice(0)
     for device_type, expected in (("cpu", min(19, base + WORKER_NICE)), ("cuda", base), ("mps", base)):
-        loader = make_loader(_WorkerNiceness(), batch_size=2, shuffle=False, workers=1, device_type=device_type)
+        loader = make_loader(_WorkerNiceness(), batch_size=2, shuffle=False, workers=1, device_type=device_type,
+                             image_size=1)
         assert [int(n) for batch in loader for n in batch["pixel_values"].flatten()] == [expected] * 4

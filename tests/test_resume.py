@@ -107,7 +107,8 @@ def test_init_from_starts_a_new_run_from_those_weights_with_a_fresh_optimizer(un
     optimizer = torch.load(stage2 / "last" / "training_state" / "optimizer.bin", weights_only=True)
     steps = {int(state["step"]) for state in optimizer["state"].values()}
     assert steps == {meta["global_step"]} == {5}  # 20 training images / batch 4: this run's steps only
-    assert [group["initial_lr"] for group in optimizer["param_groups"]] == [1e-4]  # the new run's lr, head only
+    groups = optimizer["param_groups"]  # the new run's lr, head only (weights with decay, bias without)
+    assert [(g["name"], g["initial_lr"], g["weight_decay"]) for g in groups] == [("head", 1e-4, 0.05), ("head", 1e-4, 0.0)]
 
 
 def test_each_epoch_reports_its_own_training_sums(uninterrupted):
