@@ -127,7 +127,7 @@ class WeightEMA:
 
     def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _num_averaged) -> None:
         if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], self._weight)
+            torch._foreach_lerp_(averaged, current, self._weight)  # grouped by dtype by AveragedModel
         else:
             torch._foreach_copy_(averaged, current)
 

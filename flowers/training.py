@@ -117,11 +117,9 @@ def fit(cfg: TrainConfig) -> Path:
         # a resumed run keeps its validation split (runs saved before val_from was recorded split train)
         val_from = saved_meta.get("data", {}).get("val_from") if resume_dir else AUTO
         splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict, val_from)
-        if cfg.cache_resized:
-            cached = resized_splits(splits, eval_size(cfg.image_size))
+        training_splits = resized_splits(splits, eval_size(cfg.image_size)) if cfg.cache_resized else splits
     warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
-    if cfg.cache_resized:
-        splits = cached
+    splits = training_splits
     run_dir = resume_dir or _create_run_dir(accelerator, cfg)
     run_name = run_dir.name
     if accelerator.is_main_process and not resume_dir:

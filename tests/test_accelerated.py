@@ -165,9 +165,10 @@ def test_the_training_loop_creates_no_float64_tensor():
     assert created == []
 
 
-def test_mps_gets_its_own_loader_rule():
+def test_mps_gets_its_own_loader_rule(monkeypatch):
     assert not pins_memory("mps") and not pins_memory("cpu") and pins_memory("cuda")
-    assert 1 <= default_workers(1, "mps") <= 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))  # a 16-core machine
+    assert {device: default_workers(1, device) for device in ("cpu", "cuda", "mps")} == {"cpu": 8, "cuda": 15, "mps": 4}
 
 
 # a patch of train.py counting the collective operations each training epoch makes (DDP, 2 ranks).
