@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowers.config import TrainConfig  # noqa: E402
 from flowers.data import SeededAugmentation, build_loaders, load_splits, resized_splits  # noqa: E402
+from flowers.runtime import make_accelerator  # noqa: E402
 from flowers.transforms import eval_size, train_transform  # noqa: E402
 
 
@@ -34,8 +35,9 @@ def per_image_ms(splits, image_size: int, count: int = 200) -> float:
 
 
 def loader_epochs(splits, data: str, image_size: int, workers: int, device: torch.device) -> None:
-    cfg = TrainConfig(data=data, image_size=image_size, workers=workers, weights="none", report_to="none")
-    train, val, _ = build_loaders(cfg, splits, num_processes=1, device_type=device.type)
+    cfg = TrainConfig(data=data, image_size=image_size, workers=workers, weights="none", report_to="none",
+                      pipeline="workers")
+    train = build_loaders(cfg, splits, make_accelerator(cfg.seed), cfg.seed).train
     for epoch in range(3):
         train.dataset.epoch = epoch
         started, images, first = time.perf_counter(), 0, None

@@ -113,6 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=-1, help="-1: flowers.data.default_workers")
     parser.add_argument("--cache-resized", action="store_true", help="as train.py --cache-resized")
+    parser.add_argument("--pipeline", default="auto", choices=["auto", "device", "workers"], help="as train.py --pipeline")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="as train.py --compile")
     parser.add_argument("--train-steps", type=int, default=None,
@@ -225,10 +226,10 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from flowers import training  # noqa: F401  (everything train.py imports, so start-up compares)
+    from flowers import training  # everything train.py imports, so start-up compares
     from flowers.config import TrainConfig
-    from flowers.data import build_loaders, load_splits, resized_splits, resolve_data
-    from flowers.engine import evaluate, train_one_epoch
+    from flowers.data import build_loaders, load_splits, resized_splits, resolve_data, resolve_pipeline
+    from flowers.engine import EpochOptions, evaluate, train_one_epoch
     from flowers.model import build_model
     from flowers.optim import build_optimizer, build_scheduler
     from flowers.recipe import parameter_groups
@@ -238,7 +239,7 @@ def main() -> None:
 
     cfg = TrainConfig(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
                       weights="none", report_to="none", workers=args.workers, channels_last=args.channels_last,
-                      cache_resized=args.cache_resized, compile=args.compile)
+                      cache_resized=args.cache_resized, compile=args.compile, pipeline=args.pipeline)
     accelerator = make_accelerator(cfg.seed, compile=cfg.compile)
     on_gpu = accelerator.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -248,7 +249,7 @@ def main() -> None:
     started = time.perf_counter()
     splits = load_splits(data, cfg.val_split, cfg.seed)
     results["load_split_s"] = time.perf_counter() - started
-    if cfg.cache_resized:
+    if cfg.cache_resized or resolve_pipeline(cfg.pipeline, accelerator.device.type) == "device":
         started = time.perf_counter()
         splits = resized_splits(splits, eval_size(cfg.image_size))
         results["cache_resized_s"] = time.perf_counter() - started
@@ -256,11 +257,13 @@ def main() -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
-    train_loader, val_loader, workers = build_loaders(cfg, splits, accelerator.num_processes, accelerator.device.type)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    loaders = build_loaders(cfg, splits, accelerator, training.data_order_seed(cfg.seed))
+    train_loader, val_loader, workers = loaders.train, loaders.val, loaders.workers
+    model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     results.update(device=str(accelerator.device), precision=accelerator.mixed_precision, workers=workers,
+                   pipeline=loaders.pipeline,
                    threads=torch.get_num_threads(), train_images=len(splits.train), val_images=len(splits.val))
 
     def timed(fn) -> float:
@@ -275,7 +278,7 @@ def main() -> None:
     first = FirstStep(sync)
     batches = endless(train_loader)
     train_one_epoch(accelerator, model, Take(first.batches(batches), 1), optimizer, scheduler, loss_fn,
-                    channels_last=cfg.channels_last, on_step=first)
+                    EpochOptions(channels_last=cfg.channels_last, on_step=first))
     results.update(startup_to_first_step_s=first.batch_ready, first_step_done_s=first.step_done)
     memory.snapshot_pss()  # with the workers running
 
@@ -293,10 +296,10 @@ def main() -> None:
     train_b, train_a, plain = Rate(), Rate(), Rate()
     for steps_b, steps_a in zip(split(e2e_steps, args.rounds), split(args.model_steps, args.rounds)):
         seconds = timed(lambda: train_one_epoch(accelerator, model, Take(batches, steps_b), optimizer, scheduler,
-                                                loss_fn, channels_last=cfg.channels_last))
+                                                loss_fn, EpochOptions(channels_last=cfg.channels_last)))
         train_b.add(steps_b * cfg.batch_size, seconds)
         seconds = timed(lambda: train_one_epoch(accelerator, model, [batch] * steps_a, optimizer, scheduler,
-                                                loss_fn, channels_last=cfg.channels_last))
+                                                loss_fn, EpochOptions(channels_last=cfg.channels_last)))
         train_a.add(steps_a * cfg.batch_size, seconds)
         if args.plain and accelerator.is_main_process:
             out = run_plain(data, cfg.image_size, cfg.batch_size, steps_b + 1)  # its first step is not counted
@@ -319,6 +322,8 @@ def main() -> None:
     memory.snapshot_pss()  # training and validation workers
     results["load_after_ours"] = load()
     memory.stop()
+    if on_gpu:
+        results["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
     results.update(peak_main_rss_gib=memory.main_rss / GiB, peak_tree_rss_gib=memory.tree_rss / GiB,
                    peak_tree_pss_gib=memory.tree_pss["Pss"] / GiB,
                    peak_tree_pss_parts_gib={k: v / GiB for k, v in memory.tree_pss.items()})
@@ -332,7 +337,7 @@ def report(args: argparse.Namespace, cfg, results: dict) -> None:
     r = results
     rounds = lambda values: " ".join(f"{v:.2f}" for v in values)  # noqa: E731
     print(f"machine: {machine()}; device {r['device']}, precision {r['precision']}, "
-          f"{r['threads']} compute threads, {r['workers']} DataLoader workers")
+          f"{r['threads']} compute threads, --pipeline {r['pipeline']}, {r['workers']} DataLoader workers")
     print(f"config: --image-size {cfg.image_size} --batch-size {cfg.batch_size}"
           f"{' --cache-resized' if cfg.cache_resized else ''}{'' if cfg.channels_last else ' --no-channels-last'}"
           f"{' --compile' if cfg.compile else ''}; {r['train_images']} train / {r['val_images']} val images; "
@@ -353,6 +358,8 @@ def report(args: argparse.Namespace, cfg, results: dict) -> None:
     if "plain" in r:
         print(f"plain PyTorch recipe (bench/plain_recipe.py) end-to-end train: {r['plain']:.1f} img/s "
               f"(per round {rounds(r['plain_rounds'])}); ours (b) / plain {r['train_end_to_end'] / r['plain']:.2f}x")
+    if "peak_gpu_allocated_gib" in r:
+        print(f"peak GPU memory allocated by torch: {r['peak_gpu_allocated_gib']:.2f} GiB")
     parts = r["peak_tree_pss_parts_gib"]
     print(f"peak memory: main process RSS {r['peak_main_rss_gib']:.2f} GiB; with DataLoader workers "
           f"PSS {r['peak_tree_pss_gib']:.2f} GiB = anonymous {parts['Pss_Anon']:.2f} + shared memory "

@@ -22,13 +22,14 @@ checkpoint.save_checkpoint(run_dir / "best", model.state_dict(),
     {"epoch": 1, "metrics": {"val_accuracy": 0.5}, "class_names": splits.class_names, "arch": "resnet18", "image_size": 224})
 info = tracking.run_info({"lr": 1e-3}, splits.source, splits.class_names, len(splits.train), len(splits.val), environment(acc))
 t0 = time.perf_counter(); import wandb; t1 = time.perf_counter()
-tracking.start(acc, "wandb", None, "bench", run_dir, info); t2 = time.perf_counter()
+tracking.start(acc, tracking.RunInfo("wandb", None, "bench", run_dir, info)); t2 = time.perf_counter()
 for epoch in range(1, 26):
     tracking.log_epoch(acc, run_dir, epoch, {"train_loss": 1.0 / epoch, "val_accuracy": epoch / 26})
 t3 = time.perf_counter()
 n = len(splits.val)
 scores = np.random.default_rng(0).normal(size=(n, 5)).astype("float32")
-tracking.finish(acc, run_dir, splits.class_names, splits.val, scores, np.asarray(splits.val["label"]), 1, 25)
+shown = tracking.ValidationOutputs(1, scores, np.asarray(splits.val["label"]), splits.class_names, splits.val)
+tracking.finish(acc, run_dir, shown, 25)
 t4 = time.perf_counter()
 print(f"val images {n}: import wandb {t1-t0:.2f}s  start {t2-t1:.2f}s  25 epoch logs {t3-t2:.2f}s  "
       f"end (chart+table+45MB artifact+close) {t4-t3:.2f}s  total {t4-t0:.2f}s")

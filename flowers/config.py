@@ -67,12 +67,16 @@ class TrainConfig:
     init_from: Optional[str] = arg(None, "start a NEW run from these weights (best, last or a PATH) with a "
                                    "fresh optimizer and schedule")
     save_every_steps: int = arg(0, "also save the resumable last/ every N optimizer steps (0: every epoch only)")
-    workers: int = arg(-1, "DataLoader worker processes per process; -1 picks from the core count")
+    pipeline: str = arg("auto", "data pipeline: device (photos decoded once into memory on the training device, "
+                        "batches augmented there, no workers), workers (DataLoader workers decode and augment "
+                        "each photo with PIL), auto (device on a GPU, workers on a CPU)",
+                        choices=["auto", "device", "workers"])
+    workers: int = arg(-1, "DataLoader worker processes per process (--pipeline workers); -1 picks from the core count")
     channels_last: bool = arg(True, "use the channels_last memory format (faster on CPU and GPU)")
     cache_resized: bool = arg(False, "decode each photo once and store it uncompressed at a short side slightly above "
-                                     "--image-size (cached by `datasets`; 0.26 MB a photo at 224 px), so epochs skip "
+                                     "--image-size (cached by `datasets`), so epochs skip "
                                      "JPEG decoding and resizing")
-    compile: bool = arg(False, "torch.compile the model (worth it on a GPU; costs ~40 s and gains nothing on CPU)")
+    compile: bool = arg(False, "torch.compile the model (compiling takes a while at the start; for GPUs)")
     report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
     wandb_project: Optional[str] = arg(None, "W&B project; default: $WANDB_PROJECT, else flowers")
     tags: Optional[str] = arg(None, "comma-separated tags for the tracked run, e.g. baseline,lr1e-3")

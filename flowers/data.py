@@ -23,7 +23,7 @@ from flowers import imagefiles
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
-from flowers.transforms import eval_transform, short_side_resize, train_transform
+from flowers.transforms import eval_transform, example_seed, short_side_resize, train_transform
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -146,7 +146,7 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
 
 def stratified_split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Exactly `ds.train_test_split(test_size=val_fraction, stratify_by_column="label", seed=seed)`
-    (so splits and checkpoints stay comparable across versions), 1 s faster for the flower set:
+    (so splits and checkpoints stay comparable across versions), and faster on large sets:
     datasets reads the label column row by row, here it is one Arrow column."""
     n_val = math.ceil(val_fraction * len(ds))
     if not 0 < n_val < len(ds):
@@ -204,7 +204,7 @@ def image_paths(ds: Dataset) -> list[Optional[str]]:
 
 def _resize_batch(batch: dict, short_side: int) -> dict:
     """Every image resized to `short_side` (up or down) and stored as uncompressed PPM bytes:
-    decoding one is a copy (~12x cheaper than a JPEG), and evaluation's resize has nothing left to do."""
+    decoding one is a copy (far cheaper than a JPEG), and evaluation's resize has nothing left to do."""
     resize, out = short_side_resize(short_side), []
     for entry in batch["image"]:
         buffer = io.BytesIO()
@@ -231,8 +231,7 @@ def resized_copy(ds: Dataset, short_side: int) -> Dataset:
     """`ds` with every image decoded once and stored resized in an Arrow file under the `datasets`
     cache, named by the dataset's fingerprint (its paths and labels), its files' sizes and
     modification times, and `short_side`, so later epochs and runs read small raw images instead
-    of decoding and resizing JPEGs. On disk: about 4 * short_side**2 bytes per image (0.26 MB at
-    --image-size 224, 85 KB at 128)."""
+    of decoding and resizing JPEGs. On disk: about 4 * short_side**2 bytes per image."""
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "flowers-resized"
     cache_dir.mkdir(parents=True, exist_ok=True)
     source = ds.cast_column("image", Image(decode=False))
@@ -268,13 +267,6 @@ def _transformed_or_none(entry: dict, transform: Callable) -> Optional[torch.Ten
         return None
 
 
-def example_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training example's augmentation. Reduced modulo 2**64 (the generator's seed
-    range; larger seeds, from --seed 1844666 on, made manual_seed raise): seeds below that keep
-    their value, so every run that worked before draws the same images and resumes bit-identically."""
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64
-
-
 class SeededAugmentation(torch.utils.data.Dataset):
     """Training examples whose random augmentation depends only on (seed, epoch, example index).
 
@@ -308,16 +300,15 @@ class SeededAugmentation(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def _example(self, entry: dict, label: int, index: int) -> dict:
-        with torch.random.fork_rng(devices=[]):  # leaves the global RNG (dropout, MixUp) untouched
-            # the CPU generator only: torch.manual_seed also queues seeding for CUDA, XPU and MTIA,
-            # recording a stack trace each time (0.3 ms, about as much as augmenting a 128 px image)
-            torch.default_generator.manual_seed(example_seed(self.seed, self.epoch, index))
-            return {"pixel_values": _transformed_or_none(entry, self.transform), "labels": label}
+        # a generator of its own: the global RNG (dropout, MixUp) is left untouched
+        generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index))
+        return {"pixel_values": _transformed_or_none(entry, functools.partial(self.transform, generator=generator)),
+                "labels": label}
 
 
 def collate(examples: list[dict], image_size: Optional[int] = None) -> dict[str, torch.Tensor]:
     """One batch, images stacked channels-last, the model's memory format: the transforms leave
-    pixels in HWC order, so this is a plain copy (3x cheaper than an NCHW stack, and the main
+    pixels in HWC order, so this is a plain copy (cheaper than an NCHW stack, and the main
     process has no layout to convert).
 
     An image that no longer decodes (None; already warned about by name) keeps its place, filled
@@ -371,39 +362,87 @@ def _init_worker(worker_id: int, low_priority: bool = False) -> None:
     cleanly after the current step (see resume.StopOnSignal) instead of losing its workers.
 
     `low_priority` (training on the CPU): the model's threads use every core, and a worker that
-    preempts one of them stalls the other at the next barrier, so a 3% share of CPU for decoding
-    cost 9-12% of the training speed. At nice 19 a worker runs in the gaps the model's threads
-    leave (and still gets a small share when there are none). In paired runs at 128 px on 2 cores,
-    end-to-end speed went from 0.91 of model-only speed (nice 0) to 0.96-1.03 (nice 19)."""
+    preempts one of them stalls the others at the next barrier, so a small share of CPU for
+    decoding cost a large share of the training speed. At nice 19 a worker runs in the gaps the
+    model's threads leave (and still gets a small share when there are none); docs/performance.md
+    has the measurements."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if low_priority:
         os.nice(WORKER_NICE)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, device_type: str, image_size: int,
-                drop_last: bool = False, seed: Optional[int] = None) -> DataLoader:
-    """A DataLoader with persistent workers; with `seed`, it has its own generator (shuffling and
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a DataLoader runs: worker processes, the device type its batches go to, the image size
+    (for a batch of which no image decodes) and the seed of its own generator (None: the global RNG)."""
+    workers: int
+    device_type: str
+    image_size: int
+    seed: Optional[int] = None
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, options: LoaderOptions,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader with persistent workers; with a seed, it has its own generator (shuffling and
     worker seeds then never draw from the global RNG). For CUDA, batches go to pinned memory
     (see pins_memory); for the CPU, workers run at low priority (see _init_worker)."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    workers = options.workers
+    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        collate_fn=functools.partial(collate, image_size=image_size),
-        pin_memory=pins_memory(device_type), persistent_workers=workers > 0, drop_last=drop_last,
+        collate_fn=functools.partial(collate, image_size=options.image_size),
+        pin_memory=pins_memory(options.device_type), persistent_workers=workers > 0, drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None, generator=generator,
-        worker_init_fn=functools.partial(_init_worker, low_priority=device_type == "cpu") if workers > 0 else None,
+        worker_init_fn=(functools.partial(_init_worker, low_priority=options.device_type == "cpu")
+                        if workers > 0 else None),
     )
 
 
-def build_loaders(cfg: TrainConfig, splits: Splits, num_processes: int,
-                  device_type: str) -> tuple[DataLoader, DataLoader, int]:
-    """The training and validation loaders of a TrainConfig, and the number of workers each uses."""
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(num_processes, device_type)
+PIPELINES = ("device", "workers")
+
+
+def resolve_pipeline(pipeline: str, device_type: str) -> str:
+    """--pipeline auto: the device path on an accelerator, DataLoader workers on a CPU (where the
+    workers path keeps up with the model and is measured faster)."""
+    if pipeline == "auto":
+        return "workers" if device_type == "cpu" else "device"
+    return pipeline
+
+
+@dataclass
+class Loaders:
+    """The training and validation batches of a run, ready to iterate on this process."""
+    train: object
+    val: object
+    pipeline: str  # "device" or "workers"
+    workers: int  # DataLoader workers per process (0 on the device path)
+
+
+def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: int) -> Loaders:
+    """The loaders of a TrainConfig for this process, prepared by `accelerator` (the workers path)
+    or sharded by this module (the device path: see device_data.py). `splits` holds images at
+    evaluation's short side on the device path (resized_splits)."""
+    device = accelerator.device
+    pipeline = resolve_pipeline(cfg.pipeline, device.type)
     # drop_last: a last batch of one image would crash BatchNorm in training mode
-    train_loader = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
-                               cfg.batch_size, shuffle=True, workers=workers, device_type=device_type, image_size=cfg.image_size, seed=cfg.seed,
-                               drop_last=len(splits.train) > cfg.batch_size * num_processes)
-    val_loader = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
-                             shuffle=False, workers=workers, device_type=device_type, image_size=cfg.image_size,
-                             seed=cfg.seed)
-    return train_loader, val_loader, workers
+    drop_last = len(splits.train) > cfg.batch_size * accelerator.num_processes
+    if pipeline == "device":
+        from flowers import device_data as dd
+        with accelerator.local_main_process_first():  # one progress bar per node at a time
+            train_images = dd.place(dd.decode_training_images(splits.train, cfg.image_size), device)
+            val_images = dd.place(dd.decode_eval_images(splits.val, cfg.image_size), device)
+        shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
+        train = dd.DeviceLoader(train_images, shard, dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device),
+                                shuffle_seed=shuffle_seed, drop_last=drop_last)
+        val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device))
+        accelerator.print(f"device pipeline: {len(train_images)} + {len(val_images)} images decoded, kept on "
+                          f"{train_images.pixels.device} ({(train_images.pixels.numel() + val_images.pixels.numel()) / 2**30:.2f} GiB)")
+        return Loaders(train, val, pipeline, 0)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device.type)
+    options = LoaderOptions(workers=workers, device_type=device.type, image_size=cfg.image_size, seed=cfg.seed)
+    train = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
+                        cfg.batch_size, shuffle=True, options=options, drop_last=drop_last)
+    val = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
+                      shuffle=False, options=options)
+    train, val = accelerator.prepare(train, val)
+    return Loaders(train, val, pipeline, workers)

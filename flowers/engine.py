@@ -59,12 +59,9 @@ def _bar(accelerator: Accelerator, total: int, desc: str) -> tqdm:
                 disable=not show_progress(accelerator))
 
 
-def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler,
-                    loss_fn: Callable, desc: str = "train", channels_last: bool = True,
-                    on_step: Optional[Callable[[int, bool], bool]] = None,
-                    batch_transform: Optional[Callable] = None, totals: Optional[torch.Tensor] = None,
-                    start_step: int = 0, guard: Optional[NonFiniteGuard] = None) -> EpochStats:
-    """Train for one pass over `loader`; returns loss/accuracy summed over all processes.
+@dataclass
+class EpochOptions:
+    """How train_one_epoch runs an epoch, beyond the model, data and optimizer it trains with.
 
     `on_step(step, stepped)` runs after every batch and stops the epoch early by returning True;
     `stepped` is True when the weights were updated (the last batch of an accumulation cycle, and
@@ -74,35 +71,34 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
     is still counted against the original labels). `totals` (float32 on the device: loss sum,
     correct, seen; updated in place) and `start_step` continue an epoch interrupted after
     `start_step` batches. `guard` (see nonfinite.py) stops on a NaN/Inf loss or skips the
-    updates it would poison. Sums stay float32 (exact for counts below 2**24 images an epoch)
-    because some devices (Apple's MPS) have no float64.
-    """
+    updates it would poison."""
+    desc: str = "train"
+    channels_last: bool = True
+    on_step: Optional[Callable[[int, bool], bool]] = None
+    batch_transform: Optional[Callable] = None
+    totals: Optional[torch.Tensor] = None
+    start_step: int = 0
+    guard: Optional[NonFiniteGuard] = None
+
+
+def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimizer, scheduler,
+                    loss_fn: Callable, options: Optional[EpochOptions] = None) -> EpochStats:
+    """Train for one pass over `loader` (see EpochOptions); returns loss/accuracy summed over all
+    processes. Sums stay float32 (exact for counts below 2**24 images an epoch) because some
+    devices (Apple's MPS) have no float64."""
+    options = options or EpochOptions()
     model.train()
-    device = accelerator.device
+    guard = options.guard
     # this process's sums (updated in place, so the caller sees them from on_step), on the device
-    running = totals if totals is not None else torch.zeros(3, device=device, dtype=torch.float32)
+    running = options.totals
+    if running is None:
+        running = torch.zeros(3, device=accelerator.device, dtype=torch.float32)
     start = time.perf_counter()
-    with _bar(accelerator, len(loader), desc) as bar:
-        for step, batch in enumerate(loader, start=start_step):
-            images, labels, valid = _images(batch, channels_last), batch["labels"], batch["valid"].float()
-            targets = labels
-            if batch_transform is not None:
-                images, targets = batch_transform(images, labels)
-            with accelerator.accumulate(model):
-                if guard is not None:
-                    guard.protect(model)
-                logits = model(images)
-                # the mean over the images that decoded (see data.collate); 0 when none did
-                loss = (loss_fn(logits, targets) * valid).sum() / valid.sum().clamp(min=1)
-                accelerator.backward(loss)
-                skipped = guard is not None and guard.skip_update(model)
-                if not skipped:
-                    optimizer.step()
-                # fp16: the GradScaler skips steps whose gradients overflowed (a host sync it makes anyway)
-                stepped = accelerator.sync_gradients and not skipped and not getattr(optimizer, "step_was_skipped", False)
-                if stepped and scheduler is not None:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+    with _bar(accelerator, len(loader), options.desc) as bar:
+        for step, batch in enumerate(loader, start=options.start_step):
+            loss, logits, valid, stepped = _train_step(accelerator, model, batch, optimizer, scheduler, loss_fn,
+                                                       options)
+            labels = batch["labels"]
             with torch.no_grad():  # reported loss: plain cross-entropy with the true labels, as val_loss
                 plain_loss = F.cross_entropy(logits.detach().float(), labels, reduction="none")
                 running += torch.stack([(plain_loss * valid).sum().nan_to_num(0, 0, 0),
@@ -112,13 +108,41 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if guard is not None:
                 guard.observe(loss, step)
-            if on_step is not None and on_step(step, stepped):
+            if options.on_step is not None and options.on_step(step, stepped):
                 break
     if guard is not None:
         guard.check()  # before the caller evaluates or saves anything
     loss_sum, correct, seen = accelerator.reduce(running.clone(), reduction="sum").tolist()
     return EpochStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), samples=int(seen),
                       seconds=time.perf_counter() - start)
+
+
+def _train_step(accelerator: Accelerator, model: nn.Module, batch: dict, optimizer, scheduler, loss_fn: Callable,
+                options: EpochOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Forward, backward and (at the end of an accumulation cycle) the update for one batch;
+    returns the loss, the logits, which images decoded (as 0/1 floats) and whether the weights
+    were updated."""
+    images, labels, valid = _images(batch, options.channels_last), batch["labels"], batch["valid"].float()
+    targets = labels
+    if options.batch_transform is not None:
+        images, targets = options.batch_transform(images, labels)
+    guard = options.guard
+    with accelerator.accumulate(model):
+        if guard is not None:
+            guard.protect(model)
+        logits = model(images)
+        # the mean over the images that decoded (see data.collate); 0 when none did
+        loss = (loss_fn(logits, targets) * valid).sum() / valid.sum().clamp(min=1)
+        accelerator.backward(loss)
+        skipped = guard is not None and guard.skip_update(model)
+        if not skipped:
+            optimizer.step()
+        # fp16: the GradScaler skips steps whose gradients overflowed (a host sync it makes anyway)
+        stepped = accelerator.sync_gradients and not skipped and not getattr(optimizer, "step_was_skipped", False)
+        if stepped and scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logits, valid, stepped
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:

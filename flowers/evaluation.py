@@ -19,7 +19,8 @@ from datasets import Dataset, Image, concatenate_datasets
 
 from flowers import checkpoint, report
 from flowers.config import EvalConfig
-from flowers.data import AUTO, default_workers, full_dataset, image_paths, load_splits, make_loader, with_transform
+from flowers.data import (AUTO, LoaderOptions, default_workers, full_dataset, image_paths, load_splits, make_loader,
+                          with_transform)
 from flowers.datacheck import warn_about_data
 from flowers.engine import EvalOutput, evaluate
 from flowers.errors import UserError
@@ -137,7 +138,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     device_type = accelerator.device.type
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device_type)
     loader = make_loader(with_transform(dataset, transform), cfg.batch_size or int(train_cfg.get("batch_size", 32)),
-                         shuffle=False, workers=workers, device_type=device_type, image_size=size)
+                         shuffle=False, options=LoaderOptions(workers=workers, device_type=device_type, image_size=size))
     channels_last = bool(train_cfg.get("channels_last", True))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -199,7 +200,7 @@ def _recorded_precision(meta: dict) -> str:
 def eval_precision(cfg: EvalConfig, meta: dict) -> str:
     """--mixed-precision, else the launcher's (`accelerate launch --mixed_precision`), else the
     checkpoint's own when this machine has the kind of device it was trained on (a GPU-trained
-    bf16 checkpoint on a CPU runs in fp32 instead: CPUs without native bf16 are 10-18x slower)."""
+    bf16 checkpoint on a CPU runs in fp32 instead: on CPUs without native bf16 it is many times slower)."""
     if cfg.mixed_precision:
         return cfg.mixed_precision
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):

@@ -136,7 +136,7 @@ def scan_folder(root: Path, workers: Optional[int] = None, cache_dir: Optional[P
     """Every usable image under `root`/<class>/..., labelled by its top-level class folder.
 
     With `cache_dir`, each file's verdict is kept there with its size and modification time, and a
-    later scan checks again only the files that changed (100,000 files: 28 s first, then ~2 s)."""
+    later scan checks again only the files that changed, so a large folder's start-up is slow once."""
     root = Path(root)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     skipped: list[tuple[str, str]] = []

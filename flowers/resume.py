@@ -47,8 +47,8 @@ class Progress:
     epoch_lr: float = 0.0  # learning rate when the current epoch started (reported per epoch)
     last_metrics: dict = field(default_factory=dict)
     finished: bool = False
-    # loss sum, correct, seen of the current epoch's finished batches (all processes together)
-    partial_totals: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    # loss sum, correct, seen of the current epoch's finished batches, one row per process
+    partial_totals: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,7 +119,9 @@ def save_last(accelerator: Accelerator, run_dir: Path, progress: Progress, total
               weights: Callable[[], dict], meta: dict) -> None:
     """Write `last/` (weights + metadata + training_state) atomically; all processes call this."""
     staging = run_dir / STAGING_DIR
-    progress.partial_totals = accelerator.reduce(totals.clone(), reduction="sum").tolist()
+    # each process's own sums: float32 addition is not associative, so continuing from their total
+    # would end the epoch a rounding step away from an uninterrupted run
+    progress.partial_totals = accelerator.gather(totals.clone()[None]).tolist()
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -138,18 +140,24 @@ def save_last(accelerator: Accelerator, run_dir: Path, progress: Progress, total
 def load_last(accelerator: Accelerator, run_dir: Path, progress: Progress, totals: torch.Tensor) -> None:
     checkpoint.check_pickles_hold_only_data(run_dir / "last" / STATE_DIR)
     accelerator.load_state(str(run_dir / "last" / STATE_DIR))
-    # the saved partial sums are over all processes: the main process carries them
-    totals.copy_(torch.tensor(progress.partial_totals if accelerator.is_main_process else [0.0] * 3,
-                              dtype=totals.dtype))
+    saved = progress.partial_totals
+    if saved and isinstance(saved[0], list):  # one row per process (the process count cannot change)
+        own = saved[accelerator.process_index]
+    else:  # saved by older versions: all processes' sums together, carried by the main process
+        own = (saved or [0.0] * 3) if accelerator.is_main_process else [0.0] * 3
+    totals.copy_(torch.tensor(own, dtype=totals.dtype))
 
 
 def epoch_loader(train_loader, epoch_index: int, skip_batches: int):
     """The train loader for this epoch (0-based), without its first `skip_batches` batches.
 
-    The shuffle order follows from Accelerate's seedable sampler and the epoch; augmentation
-    from the epoch and each example's index (data.SeededAugmentation). Nothing else is needed
-    to see exactly the batches an uninterrupted run would see.
+    The shuffle order follows from Accelerate's seedable sampler (the device path: its own
+    permutation) and the epoch; augmentation from the epoch and each example's index
+    (transforms.example_seed). Nothing else is needed to see exactly the batches an
+    uninterrupted run would see.
     """
+    if hasattr(train_loader, "for_epoch"):  # the device path's loader (device_data.DeviceLoader)
+        return train_loader.for_epoch(epoch_index, skip_batches)
     train_loader.set_epoch(epoch_index)
     if hasattr(train_loader.dataset, "epoch"):
         train_loader.dataset.epoch = epoch_index

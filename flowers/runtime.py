@@ -67,11 +67,10 @@ def _configure_cpu_threads(accelerator: Accelerator) -> None:
 def release_freed_memory() -> None:
     """Return the C heap's free pages to the OS (glibc only; elsewhere a no-op).
 
-    A training step frees its activations (0.7 GiB at 224 px, batch 32) to malloc, which keeps
-    them. A DataLoader worker forked after that (the validation workers, at the first evaluation)
-    shares those pages copy-on-write, and keeps its own copy of each once the main process
-    reuses it. Trimming first: 0.4 GiB less PSS for the main process and its workers together at
-    224 px (bench/throughput.py)."""
+    A training step frees its activations to malloc, which keeps them. A DataLoader worker forked
+    after that (the validation workers, at the first evaluation) shares those pages copy-on-write,
+    and keeps its own copy of each once the main process reuses it. Trimming first keeps that
+    memory out of the workers (measured with bench/throughput.py: docs/performance.md)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

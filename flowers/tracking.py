@@ -13,6 +13,7 @@ import importlib.util
 import json
 import netrc
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,24 +88,36 @@ def run_info(config: dict[str, Any], source: str, class_names: list[str], train_
 
 # ---- start -------------------------------------------------------------------------------
 
-def wandb_init_kwargs(run_name: str, run_dir: Path, info: dict[str, Any], tags: Optional[str], group: Optional[str],
-                      name_given: bool, resume_run_id: Optional[str]) -> dict[str, Any]:
-    """Keyword arguments for wandb.init. Flags win over WANDB_* variables, which win over our defaults."""
-    import wandb
+@dataclass
+class RunInfo:
+    """What start() needs to create (or continue) a run with the trackers of `report_to`."""
+    report_to: str
+    project: Optional[str]          # --wandb-project (else WANDB_PROJECT, else "flowers")
+    run_name: str
+    run_dir: Path
+    config: dict[str, Any]          # what the trackers store as the run's config: see run_info()
+    tags: Optional[str] = None      # comma-separated
+    group: Optional[str] = None
+    name_given: bool = True         # the name came from --run-name (so it wins over WANDB_NAME)
+    switched_offline: bool = False  # prepare_wandb_mode() switched to offline mode
+    resume_run_id: Optional[str] = None  # continue that W&B run instead of creating one (see stored_run_id())
 
+
+def wandb_init_kwargs(run: RunInfo) -> dict[str, Any]:
+    """Keyword arguments for wandb.init. Flags win over WANDB_* variables, which win over our defaults."""
     kwargs: dict[str, Any] = {
-        "dir": os.environ.get("WANDB_DIR") or str(run_dir),
-        "config": info,
+        "dir": os.environ.get("WANDB_DIR") or str(run.run_dir),
+        "config": run.config,
         "settings": wandb_settings(),
     }
-    if name_given or not os.environ.get("WANDB_NAME"):
-        kwargs["name"] = run_name
-    if tags:
-        kwargs["tags"] = split_tags(tags)
-    if group:
-        kwargs["group"] = group
-    if resume_run_id:
-        kwargs.update(id=resume_run_id, resume="allow")
+    if run.name_given or not os.environ.get("WANDB_NAME"):
+        kwargs["name"] = run.run_name
+    if run.tags:
+        kwargs["tags"] = split_tags(run.tags)
+    if run.group:
+        kwargs["group"] = run.group
+    if run.resume_run_id:
+        kwargs.update(id=run.resume_run_id, resume="allow")
     return kwargs
 
 
@@ -124,15 +137,9 @@ def split_tags(tags: str) -> list[str]:
     return [t.strip() for t in tags.split(",") if t.strip()]
 
 
-def start(accelerator: Accelerator, report_to: str, project: Optional[str], run_name: str, run_dir: Path,
-          info: dict[str, Any], *, tags: Optional[str] = None, group: Optional[str] = None,
-          name_given: bool = True, switched_offline: bool = False,
-          resume_run_id: Optional[str] = None) -> None:
-    """Create the run (main process only) for each tracker of `report_to`.
-
-    resume_run_id: continue that W&B run instead of creating a new one (see stored_run_id()).
-    """
-    names = tracker_names(report_to)
+def start(accelerator: Accelerator, run: RunInfo) -> None:
+    """Create the run (main process only) for each tracker of `run.report_to`."""
+    names = tracker_names(run.report_to)
     if not names:
         return
     init_kwargs: dict[str, Any] = {}
@@ -140,24 +147,29 @@ def start(accelerator: Accelerator, report_to: str, project: Optional[str], run_
         if accelerator.is_main_process:
             import wandb
             wandb.setup(settings=wandb_settings())  # also quiets messages outside the run (artifacts)
-        init_kwargs["wandb"] = wandb_init_kwargs(run_name, run_dir, info, tags, group, name_given, resume_run_id)
+        init_kwargs["wandb"] = wandb_init_kwargs(run)
     # Accelerate would put TensorBoard logs under <project_dir>/<project>; keep them in the run folder.
-    accelerator.log_with = [TensorBoardTracker("tensorboard", str(run_dir)) if str(t) == "tensorboard" else t
+    accelerator.log_with = [TensorBoardTracker("tensorboard", str(run.run_dir)) if str(t) == "tensorboard" else t
                             for t in accelerator.log_with]
-    accelerator.init_trackers(project_name(project), init_kwargs=init_kwargs)
+    accelerator.init_trackers(project_name(run.project), init_kwargs=init_kwargs)
     if not accelerator.is_main_process:
         return
     if "tensorboard" in names:
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_text("config", "```\n" + yaml.safe_dump(info, sort_keys=False) + "```")
+        writer.add_text("config", "```\n" + yaml.safe_dump(run.config, sort_keys=False) + "```")
         writer.flush()
     if "wandb" in names:
-        run = accelerator.get_tracker("wandb", unwrap=True)
-        (Path(run_dir) / TRACKING_FILE).write_text(json.dumps(
-            {"wandb_run_id": run.id, "wandb_project": run.project, "wandb_dir": run.settings.sync_dir}, indent=2))
-        if offline_mode():
-            reason = "no API key configured, so this run is logged offline" if switched_offline else "offline run"
-            print(f"W&B: {reason}; upload it later with: wandb sync {run.settings.sync_dir}", flush=True)
+        _remember_wandb_run(accelerator.get_tracker("wandb", unwrap=True), run)
+
+
+def _remember_wandb_run(wandb_run, run: RunInfo) -> None:
+    """Save the W&B run id in the run folder (a resume continues that run); offline, say how to upload it."""
+    (Path(run.run_dir) / TRACKING_FILE).write_text(json.dumps(
+        {"wandb_run_id": wandb_run.id, "wandb_project": wandb_run.project, "wandb_dir": wandb_run.settings.sync_dir},
+        indent=2))
+    if offline_mode():
+        reason = "no API key configured, so this run is logged offline" if run.switched_offline else "offline run"
+        print(f"W&B: {reason}; upload it later with: wandb sync {wandb_run.settings.sync_dir}", flush=True)
 
 
 # ---- per epoch ---------------------------------------------------------------------------
@@ -188,53 +200,59 @@ def write_summary_row(path: Path, row: dict[str, Any]) -> None:
 
 # ---- the end -----------------------------------------------------------------------------
 
-def finish(accelerator: Accelerator, run_dir: Path, class_names: list[str], val_dataset, scores: np.ndarray,
-           labels: np.ndarray, predictions_epoch: int, last_epoch: int) -> None:
+@dataclass
+class ValidationOutputs:
+    """One epoch's validation outputs, in validation-set order: what the end of a run plots."""
+    epoch: int
+    scores: np.ndarray          # (N, C) logits
+    labels: np.ndarray          # (N,)
+    class_names: list[str]
+    dataset: Any                # the validation Dataset: its images go in the predictions table
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.scores.argmax(axis=1)
+
+
+def finish(accelerator: Accelerator, run_dir: Path, shown: ValidationOutputs, last_epoch: int) -> None:
     """Best epoch in the summary, confusion matrix, sample predictions, best checkpoint; close the run.
 
-    scores/labels: validation outputs of `predictions_epoch` (the best epoch when it ran in this
-    launch), in validation-set order.
-    """
+    shown: the validation outputs to plot (the best epoch's when it ran in this launch)."""
     from flowers.checkpoint import load_meta
 
     if accelerator.is_main_process and accelerator.trackers:
         best_dir = Path(run_dir) / "best"
         best = load_meta(best_dir)
         best_summary = {"best_val_accuracy": best["metrics"]["val_accuracy"], "best_epoch": best["epoch"]}
-        predicted = scores.argmax(axis=1)
         for tracker in accelerator.trackers:
             if tracker.name == "wandb":
-                _finish_wandb(tracker.tracker, best_dir, best, best_summary, class_names, val_dataset, scores,
-                              labels, predicted, predictions_epoch, last_epoch)
+                _finish_wandb(tracker.tracker, best_dir, best, best_summary, shown, last_epoch)
             elif tracker.name == "tensorboard":
-                _finish_tensorboard(tracker.tracker, best_summary, class_names, labels, predicted,
-                                    predictions_epoch)
+                _finish_tensorboard(tracker.tracker, best_summary, shown)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def _finish_tensorboard(writer, best_summary: dict[str, Any], class_names: list[str], labels: np.ndarray,
-                        predicted: np.ndarray, epoch: int) -> None:
+def _finish_tensorboard(writer, best_summary: dict[str, Any], shown: ValidationOutputs) -> None:
     from flowers.visuals import confusion_matrix, confusion_matrix_image
 
     writer.add_scalar("best_val_accuracy", best_summary["best_val_accuracy"], global_step=best_summary["best_epoch"])
-    image = confusion_matrix_image(confusion_matrix(labels, predicted, len(class_names)), class_names,
-                                   title=f"validation, epoch {epoch}")
-    writer.add_image("confusion_matrix", np.asarray(image), global_step=epoch, dataformats="HWC")
+    matrix = confusion_matrix(shown.labels, shown.predicted, len(shown.class_names))
+    image = confusion_matrix_image(matrix, shown.class_names, title=f"validation, epoch {shown.epoch}")
+    writer.add_image("confusion_matrix", np.asarray(image), global_step=shown.epoch, dataformats="HWC")
     writer.flush()
 
 
-def _finish_wandb(run, best_dir: Path, best: dict[str, Any], best_summary: dict[str, Any], class_names: list[str],
-                  val_dataset, scores: np.ndarray, labels: np.ndarray, predicted: np.ndarray, epoch: int,
-                  last_epoch: int) -> None:
+def _finish_wandb(run, best_dir: Path, best: dict[str, Any], best_summary: dict[str, Any],
+                  shown: ValidationOutputs, last_epoch: int) -> None:
     import wandb
 
     run.summary.update(best_summary)
     logged = {"confusion_matrix": wandb.plot.confusion_matrix(
-        y_true=labels.tolist(), preds=predicted.tolist(), class_names=class_names,
-        title=f"Validation confusion matrix (epoch {epoch})")}
-    if np.array_equal(labels, np.asarray(val_dataset["label"])):
-        logged["val_predictions"] = _predictions_table(val_dataset, class_names, scores, labels, predicted)
+        y_true=shown.labels.tolist(), preds=shown.predicted.tolist(), class_names=shown.class_names,
+        title=f"Validation confusion matrix (epoch {shown.epoch})")}
+    if np.array_equal(shown.labels, np.asarray(shown.dataset["label"])):
+        logged["val_predictions"] = _predictions_table(shown)
     else:  # the outputs are not in dataset order, so images would get the wrong predictions
         print("warning: validation outputs are not in dataset order; no predictions table logged")
     run.log(logged, step=last_epoch)
@@ -245,15 +263,15 @@ def _finish_wandb(run, best_dir: Path, best: dict[str, Any], best_summary: dict[
     run.log_artifact(artifact, aliases=["best", f"epoch-{best['epoch']}"])
 
 
-def _predictions_table(val_dataset, class_names: list[str], scores: np.ndarray, labels: np.ndarray,
-                       predicted: np.ndarray):
+def _predictions_table(shown: ValidationOutputs):
     """Evenly spaced validation images with label, prediction and confidence."""
     import wandb
     from datasets import Image
 
     from flowers.imagefiles import UnusableImage, load_rgb
 
-    files = val_dataset.cast_column("image", Image(decode=False))
+    scores, labels, predicted, class_names = shown.scores, shown.labels, shown.predicted, shown.class_names
+    files = shown.dataset.cast_column("image", Image(decode=False))
     shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     count = min(SAMPLE_PREDICTIONS, len(labels))

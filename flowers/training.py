@@ -8,19 +8,21 @@ import hashlib
 import math
 import signal
 from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from torch import nn
 
 from flowers import checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
-from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_splits, resolve_data
+from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_splits, resolve_data, resolve_pipeline
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
-from flowers.engine import EpochStats, evaluate, train_one_epoch
+from flowers.engine import EpochOptions, EpochStats, EvalOutput, evaluate, train_one_epoch
 from flowers.model import build_model, initial_state
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
@@ -60,182 +62,370 @@ def _create_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / result[0]
 
 
-def checkpoint_meta(cfg: TrainConfig, splits: Splits, run_name: str, epoch: int, step: int,
-                    metrics: dict[str, Any], env: dict[str, Any], shuffle_seed: int) -> dict[str, Any]:
-    """Everything needed to use a checkpoint on its own (see checkpoint.py)."""
-    return {
-        "format_version": 1,
-        "arch": cfg.arch,
-        "num_classes": len(splits.class_names),
-        "class_names": splits.class_names,
-        "image_size": cfg.image_size,
-        "eval_resize": eval_size(cfg.image_size),
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "data": {"source": splits.source, "split_seed": cfg.seed, "val_split": cfg.val_split,
-                 "train_size": len(splits.train), "val_size": len(splits.val), "shuffle_seed": shuffle_seed,
-                 "val_from": splits.val_from},
-        "run_name": run_name,
-        "epoch": epoch,
-        "global_step": step,
-        "metrics": metrics,
-        "config": to_dict(cfg),
-        "environment": env,
-        "saved_at": dt.datetime.now().isoformat(timespec="seconds"),
-    }
+@dataclass
+class RunStart:
+    """Where a launch starts from: the resolved config, and the run it continues (--resume) or the
+    weights it starts from (--init-from)."""
+    cfg: TrainConfig
+    resume_dir: Optional[Path]
+    init_path: Optional[Path]
+    saved_meta: dict[str, Any]  # last/'s metadata of the run it continues ({} for a new run)
+    switched_offline: bool      # W&B logs offline because no API key is configured
+
+    @classmethod
+    def resolve(cls, cfg: TrainConfig) -> RunStart:
+        """Find the run --resume names (its saved config wins) and the weights --init-from names;
+        switch W&B to offline mode when no API key is configured (before any Accelerator exists)."""
+        resume_dir = None
+        if cfg.resume:
+            resume_dir = find_run(cfg.resume, cfg.output_dir)
+            cfg = resumed_config(cfg, resume_dir)
+        init_path = resolve_init(cfg.init_from, cfg.output_dir) if cfg.init_from else None
+        if init_path:
+            cfg = dataclasses.replace(cfg, init_from=str(init_path))
+        switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
+        saved_meta = checkpoint.load_meta(resume_dir / "last") if resume_dir else {}
+        return cls(cfg, resume_dir, init_path, saved_meta, switched_offline)
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the data order: a resumed run keeps its own (see data_order_seed)."""
+        if self.resume_dir:
+            return self.saved_meta.get("data", {}).get("shuffle_seed", self.cfg.seed)
+        return data_order_seed(self.cfg.seed)
+
+    @property
+    def val_from(self) -> Optional[str]:
+        """Where the validation split comes from: a resumed run keeps its own (runs saved before
+        val_from was recorded split train)."""
+        return self.saved_meta.get("data", {}).get("val_from") if self.resume_dir else AUTO
 
 
-def _summary_line(epoch: int, epochs: int, train: EpochStats, val: dict[str, Any], lr: float,
-                  seconds: float, is_best: bool) -> str:
-    return (f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  train_acc {train.accuracy:.2%}  "
-            f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.2%}  lr {lr:.2e}  "
-            f"{train.images_per_s:.1f} img/s  {seconds:.1f}s" + ("  *best*" if is_best else ""))
+def _load_data(accelerator: Accelerator, start: RunStart) -> tuple[Optional[dict], Splits]:
+    """The initial weights and the splits to train on.
 
-
-def fit(cfg: TrainConfig) -> Path:
-    """Train as configured (or continue an interrupted run); returns the run folder holding
-    best/ and last/ (and ema/ with --ema-decay)."""
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = find_run(cfg.resume, cfg.output_dir)
-        cfg = resumed_config(cfg, resume_dir)
-    init_path = resolve_init(cfg.init_from, cfg.output_dir) if cfg.init_from else None
-    if init_path:
-        cfg = dataclasses.replace(cfg, init_from=str(init_path))
-    switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
-    saved_meta = checkpoint.load_meta(resume_dir / "last") if resume_dir else {}
-    shuffle_seed = saved_meta.get("data", {}).get("shuffle_seed", cfg.seed) if resume_dir else data_order_seed(cfg.seed)
-    accelerator = make_accelerator(shuffle_seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
-                                   project_dir=cfg.output_dir, compile=cfg.compile)
-    if resume_dir:
-        check_same_process_count(saved_meta, accelerator.num_processes, resume_dir)
-    set_seed(cfg.seed)
-    # Per-node work (downloads, caches) is done by each node's local main process first; the
-    # node's other processes then reuse it. Resuming restores the weights from last/, and
-    # --init-from loads its own, so then the initial ones are not needed.
+    Per-node work (downloads, caches) is done by each node's local main process first; the
+    node's other processes then reuse it. Resuming restores the weights from last/, and
+    --init-from loads its own, so then the initial ones are not needed."""
+    cfg = start.cfg
     with accelerator.local_main_process_first():
-        init_state = initial_state("none" if resume_dir or init_path else cfg.weights, cfg.arch)
-        # a resumed run keeps its validation split (runs saved before val_from was recorded split train)
-        val_from = saved_meta.get("data", {}).get("val_from") if resume_dir else AUTO
-        splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict, val_from)
-        training_splits = resized_splits(splits, eval_size(cfg.image_size)) if cfg.cache_resized else splits
+        init_state = initial_state("none" if start.resume_dir or start.init_path else cfg.weights, cfg.arch)
+        splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict, start.val_from)
+        # the device pipeline decodes the photos at evaluation's short side, from that cache
+        decode_once = cfg.cache_resized or resolve_pipeline(cfg.pipeline, accelerator.device.type) == "device"
+        training_splits = resized_splits(splits, eval_size(cfg.image_size)) if decode_once else splits
     warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
-    splits = training_splits
-    run_dir = resume_dir or _create_run_dir(accelerator, cfg)
-    run_name = run_dir.name
-    if accelerator.is_main_process and not resume_dir:
+    return init_state, training_splits
+
+
+def _open_run_dir(accelerator: Accelerator, start: RunStart, splits: Splits) -> Path:
+    """The run folder: the resumed one, or a new one holding config.yaml; says what the run trains on."""
+    cfg = start.cfg
+    run_dir = start.resume_dir or _create_run_dir(accelerator, cfg)
+    if accelerator.is_main_process and not start.resume_dir:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     accelerator.print(f"data: {splits.source}  classes: {', '.join(splits.class_names)}  "
                       f"train {len(splits.train)} / val {len(splits.val)} images  "
                       f"processes: {accelerator.num_processes}  device: {accelerator.device}  "
                       f"precision: {accelerator.mixed_precision}")
+    return run_dir
 
-    model = build_model(len(splits.class_names), init_state, dropout=cfg.dropout, arch=cfg.arch)
-    if resume_dir:
-        init_info = saved_meta.get("init_from")
-    else:
-        init_info = load_init_weights(model, init_path, splits.class_names) if init_path else None
-    # Dropout masks and MixUp/CutMix draws come from the global RNG: each process needs its own
-    # stream (the split, initial weights, data order and augmentation do not use it).
-    seed_process_rng(cfg.seed, accelerator.process_index)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
-    # the EMA copies the plain model, before it is wrapped for DDP or compiled
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    train_loader, val_loader, _ = build_loaders(cfg, splits, accelerator.num_processes, accelerator.device.type)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    if ema is not None:
-        ema.to(accelerator.device)
 
-    def plain_model() -> torch.nn.Module:
-        """The model without its DDP and torch.compile wrappers: the keys every checkpoint holds."""
-        return accelerator.unwrap_model(model, keep_torch_compile=False)
+@dataclass
+class EpochResult:
+    """A trained and validated epoch: what saving and tracking it need."""
+    epoch: int
+    train: EpochStats
+    outputs: EvalOutput         # the validation outputs (the end of the run plots the best epoch's)
+    val: dict[str, Any]         # validation metrics and loss
+    metrics: dict[str, Any]     # the epoch's row in history.jsonl, summary.csv and the trackers
+    is_best: bool               # a better val_accuracy than any earlier epoch: saved as best/
+    ema_is_best: bool           # the same for the EMA weights: saved as ema/
+    should_stop: bool           # early stopping says stop
 
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    env = environment(accelerator, model)
-    progress, stopper = Progress(), EarlyStopping(cfg.early_stopping_patience)
-    accelerator.register_for_checkpointing(scheduler, progress, stopper, *([ema] if ema else []))
-    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float32)
-    if resume_dir:
-        load_last(accelerator, run_dir, progress, totals)
+
+def _summary_line(result: EpochResult, epochs: int) -> str:
+    train, val, lr = result.train, result.val, result.metrics["lr"]
+    return (f"epoch {result.epoch}/{epochs}  train_loss {train.loss:.4f}  train_acc {train.accuracy:.2%}  "
+            f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.2%}  lr {lr:.2e}  "
+            f"{train.images_per_s:.1f} img/s  {result.metrics['epoch_time_s']:.1f}s"
+            + ("  *best*" if result.is_best else ""))
+
+
+@dataclass
+class Run:
+    """One training run's state, shared by the steps of fit(): the accelerator, the prepared model,
+    optimizer, scheduler and loaders, the progress that last/ saves, the EMA, the NaN/Inf guard,
+    the signal handler and the run folder."""
+    cfg: TrainConfig
+    start: RunStart
+    accelerator: Accelerator
+    splits: Splits
+    run_dir: Path
+    model: nn.Module            # as prepared: wrapped for DDP and/or compiled (see plain_model)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    ema: Optional[WeightEMA]
+    guard: NonFiniteGuard
+    loss_fn: Callable
+    mix: Optional[Callable]     # MixUp/CutMix
+    stopper: EarlyStopping
+    totals: torch.Tensor        # the current epoch's loss sum, correct, seen on this process
+    env: dict[str, Any]         # runtime.environment(), saved in every checkpoint
+    init_info: Optional[dict[str, Any]]  # where --init-from's weights came from, saved in every checkpoint
+    progress: Progress = field(default_factory=Progress)
+    stop: StopOnSignal = field(default_factory=StopOnSignal)
+    last_batch: int = -1        # the index of the current epoch's last batch
+    best_result: Optional[EpochResult] = None  # this launch's best epoch
+    last_result: Optional[EpochResult] = None
+
+    @classmethod
+    def create(cls, accelerator: Accelerator, start: RunStart, splits: Splits, init_state: Optional[dict],
+               run_dir: Path) -> Run:
+        """Build the model, optimizer, EMA, loaders and schedule, prepared for the accelerator."""
+        cfg = start.cfg
+        model = build_model(len(splits.class_names), init_state, dropout=cfg.dropout, arch=cfg.arch)
+        if start.resume_dir:
+            init_info = start.saved_meta.get("init_from")
+        else:
+            init_info = load_init_weights(model, start.init_path, splits.class_names) if start.init_path else None
+        # Dropout masks and MixUp/CutMix draws come from the global RNG: each process needs its own
+        # stream (the split, initial weights, data order and augmentation do not use it).
+        seed_process_rng(cfg.seed, accelerator.process_index)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
+        # the EMA copies the plain model, before it is wrapped for DDP or compiled
+        ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        loaders = build_loaders(cfg, splits, accelerator, start.shuffle_seed)
+        train_loader, val_loader = loaders.train, loaders.val
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if ema is not None:
+            ema.to(accelerator.device)
+        scheduler = build_scheduler(cfg, optimizer, math.ceil(len(train_loader) / cfg.grad_accum_steps))
+        run = cls(cfg, start, accelerator, splits, run_dir, model, optimizer, scheduler, train_loader, val_loader, ema,
+                  guard=NonFiniteGuard(accelerator, cfg.on_nan, run_dir), loss_fn=make_loss(cfg),
+                  mix=make_batch_transform(cfg, len(splits.class_names)),
+                  stopper=EarlyStopping(cfg.early_stopping_patience),
+                  totals=torch.zeros(3, device=accelerator.device, dtype=torch.float32),
+                  env={**environment(accelerator, model), "pipeline": loaders.pipeline}, init_info=init_info)
+        accelerator.register_for_checkpointing(scheduler, run.progress, run.stopper, *([ema] if ema else []))
+        return run
+
+    def resume(self) -> bool:
+        """Continue from last/ (weights, optimizer, schedule, progress, RNG states and the
+        interrupted epoch's sums); False when the run has already finished."""
+        progress, print_ = self.progress, self.accelerator.print
+        load_last(self.accelerator, self.run_dir, progress, self.totals)
+        if self.accelerator.is_main_process:
+            trim_history(self.run_dir, progress.epoch)
+        print_(f"resuming {self.run_dir} after epoch {progress.epoch}/{self.cfg.epochs}"
+               + (f" and {progress.batches_done} batches of the next" if progress.batches_done else ""))
+        if progress.finished or progress.epoch >= self.cfg.epochs:
+            print_(f"{self.run_dir} has already finished; nothing to do "
+                   f"(train further with --init-from {self.run_dir / 'last'})")
+            return False
+        return True
+
+    def start_tracking(self) -> None:
+        """Create (or, resuming, continue) the trackers' run, holding the config, data and environment."""
+        cfg, splits, run_name = self.cfg, self.splits, self.run_dir.name
+        resolved = {**to_dict(cfg), "data": splits.source, "run_name": run_name}
+        info = tracking.run_info(resolved, splits.source, splits.class_names, len(splits.train), len(splits.val),
+                                 self.env)
+        tracking.start(self.accelerator, tracking.RunInfo(
+            report_to=cfg.report_to, project=cfg.wandb_project, run_name=run_name, run_dir=self.run_dir,
+            config=info, tags=cfg.tags, group=cfg.group, name_given=cfg.run_name is not None,
+            switched_offline=self.start.switched_offline,
+            resume_run_id=tracking.stored_run_id(self.run_dir) if self.start.resume_dir else None))
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        """One pass over the training data (what is left of it, in an epoch resumed midway). A
+        signal stops it after saving last/, and ends the process here."""
+        progress = self.progress
+        loader = epoch_loader(self.train_loader, epoch - 1, progress.batches_done)
+        self.last_batch = progress.batches_done + len(loader) - 1
+        self.guard.start_epoch(epoch, self.last_batch + 1)
+        if progress.batches_done == 0:
+            progress.epoch_lr = self.optimizer.param_groups[-1]["lr"]
+            self.totals.zero_()  # this epoch's sums (an epoch resumed midway continues the saved ones)
+        options = EpochOptions(desc=f"epoch {epoch}/{self.cfg.epochs}", channels_last=self.cfg.channels_last,
+                               on_step=self.after_step, batch_transform=self.mix, totals=self.totals,
+                               start_step=progress.batches_done, guard=self.guard)
+        train = train_one_epoch(self.accelerator, self.model, loader, self.optimizer, self.scheduler,
+                                self.loss_fn, options)
+        if progress.batches_done <= self.last_batch:  # after_step stopped the epoch early: a signal
+            _exit_interrupted(self.accelerator, self.stop.signum, self.run_dir, epoch, progress.batches_done,
+                              self.last_batch + 1)
+        return train
+
+    def after_step(self, step: int, stepped: bool) -> bool:
+        """After each batch: count optimizer steps, update the EMA; save last/ on a signal or every
+        --save-every-steps. True (a signal) stops the epoch."""
+        accelerator, progress, every = self.accelerator, self.progress, self.cfg.save_every_steps
+        if not accelerator.sync_gradients:
+            return False
+        progress.batches_done = step + 1
+        if stepped:
+            progress.global_step += 1
+            if self.ema is not None:
+                self.ema.update(self.plain_model(), distributed=accelerator.num_processes > 1)
+        if step == self.last_batch:  # the epoch's own save follows
+            return False
+        stopping = self.stop.requested(accelerator, step)
+        if stopping or (stepped and every and progress.global_step % every == 0):
+            self.guard.check()  # never save weights a NaN has reached
+            self.save_last()
+        return stopping
+
+    def validate(self, epoch: int, train: EpochStats) -> EpochResult:
+        """Evaluate the model (and the EMA) on the validation set: the epoch's metrics, whether it
+        is the best so far, and whether early stopping says stop."""
+        # not at the top: importing `evaluate` takes seconds, which would delay the first step
+        from flowers.metrics import compute_metrics
+        cfg, progress, num_classes = self.cfg, self.progress, len(self.splits.class_names)
+        out = evaluate(self.accelerator, self.model, self.val_loader, desc="validate", channels_last=cfg.channels_last)
+        check_validation_loss(out.loss, epoch, self.run_dir)
+        val = {**compute_metrics(out.scores, out.labels, num_classes), "loss": out.loss}
+        metrics = {
+            "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": progress.epoch_lr,
+            "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
+            "train_samples": train.samples,
+        }
+        ema_is_best = False
+        if self.ema is not None:
+            ema_out = evaluate(self.accelerator, self.ema.module, self.val_loader, desc="validate ema",
+                               channels_last=cfg.channels_last)
+            ema_val = compute_metrics(ema_out.scores, ema_out.labels, num_classes)
+            metrics.update(ema_val_accuracy=ema_val["accuracy"], ema_val_loss=ema_out.loss)
+            ema_is_best = ema_val["accuracy"] > progress.best_ema_accuracy
+            progress.best_ema_accuracy = max(progress.best_ema_accuracy, ema_val["accuracy"])
+        is_best = val["accuracy"] > progress.best_accuracy
+        progress.best_accuracy = max(progress.best_accuracy, val["accuracy"])
+        return EpochResult(epoch, train, out, val, metrics, is_best, ema_is_best,
+                           should_stop=self.stopper.step(val["accuracy"]))
+
+    def save_epoch(self, result: EpochResult) -> None:
+        """Record the finished epoch: its row in history.jsonl, last/ (what a resume continues
+        from), and best/ and ema/ when they improved."""
+        accelerator, progress = self.accelerator, self.progress
+        progress.epoch, progress.batches_done = result.epoch, 0
+        progress.finished = result.should_stop or result.epoch == self.cfg.epochs
+        progress.last_metrics = {**result.metrics, "val": result.val}
         if accelerator.is_main_process:
-            trim_history(run_dir, progress.epoch)
-        accelerator.print(f"resuming {run_dir} after epoch {progress.epoch}/{cfg.epochs}"
-                          + (f" and {progress.batches_done} batches of the next" if progress.batches_done else ""))
-        if progress.finished or progress.epoch >= cfg.epochs:
-            accelerator.print(f"{run_dir} has already finished; nothing to do "
-                              f"(train further with --init-from {run_dir / 'last'})")
-            return run_dir
+            append_history(self.run_dir, {"epoch": result.epoch, **result.metrics})
+        accelerator.wait_for_everyone()
+        self.save_last()
+        if accelerator.is_main_process:
+            if result.is_best:
+                checkpoint.save_checkpoint(self.run_dir / "best", self.plain_model().state_dict(),
+                                           self.checkpoint_meta(progress.last_metrics))
+            if result.ema_is_best:
+                checkpoint.save_checkpoint(self.run_dir / "ema", self.ema.module.state_dict(),
+                                           self.checkpoint_meta(progress.last_metrics))
 
-    resolved = {**to_dict(cfg), "data": splits.source, "run_name": run_name}
-    info = tracking.run_info(resolved, splits.source, splits.class_names, len(splits.train), len(splits.val), env)
-    tracking.start(accelerator, cfg.report_to, cfg.wandb_project, run_name, run_dir, info, tags=cfg.tags,
-                   group=cfg.group, name_given=cfg.run_name is not None, switched_offline=switched_offline,
-                   resume_run_id=tracking.stored_run_id(run_dir) if resume_dir else None)
-    predictions: dict[str, Any] = {}  # validation outputs of the best (and the last) epoch, for tracking
+    def track(self, result: EpochResult) -> None:
+        """Log the epoch to the trackers and summary.csv and print its line; keep its validation
+        outputs for the end of the run."""
+        self.last_result = result
+        if result.is_best:
+            self.best_result = result
+        tracking.log_epoch(self.accelerator, self.run_dir, result.epoch, result.metrics)
+        line = _summary_line(result, self.cfg.epochs)
+        if self.ema is not None:
+            line += f"  ema_val_acc {result.metrics['ema_val_accuracy']:.2%}"
+        self.accelerator.print(line)
+        if self.guard.epoch_summary():
+            self.accelerator.print(self.guard.epoch_summary())
 
-    def meta(metrics: dict) -> dict:
-        return {**checkpoint_meta(cfg, splits, run_name, progress.epoch, progress.global_step, metrics, env,
-                                  shuffle_seed),
-                "init_from": init_info}
+    def stop_after(self, result: EpochResult) -> bool:
+        """After an epoch: a signal ends the process here (last/ is saved); True when early
+        stopping says stop."""
+        if self.stop.requested(self.accelerator) and not self.progress.finished:
+            _exit_interrupted(self.accelerator, self.stop.signum, self.run_dir, result.epoch, 0, 0)
+        if result.should_stop:
+            self.accelerator.print(f"early stopping: no better val_acc for {self.cfg.early_stopping_patience} epochs")
+        return result.should_stop
 
-    def save_last() -> None:
-        save_last_state(accelerator, run_dir, progress, totals, lambda: plain_model().state_dict(),
-                        meta(progress.last_metrics))
+    def finish(self) -> None:
+        """Close the trackers' run (with the plots of the best epoch's predictions) and say where
+        the checkpoints are."""
+        # the best epoch's predictions; the last epoch's when the best one ran before a resume
+        shown, splits = self.best_result or self.last_result, self.splits
+        outputs = tracking.ValidationOutputs(shown.epoch, shown.outputs.scores, shown.outputs.labels,
+                                             splits.class_names, splits.val)
+        tracking.finish(self.accelerator, self.run_dir, outputs, self.progress.epoch)
+        self.accelerator.print(f"best val_acc {self.progress.best_accuracy:.2%}; checkpoints in {self.run_dir}/ "
+                               f"(evaluate: python eval.py --ckpt best --output-dir {self.cfg.output_dir})")
+        if splits.skipped:
+            self.accelerator.print(f"warning: {len(splits.skipped)} unusable image file(s) were skipped "
+                                   "(listed at the start)")
 
-    loss_fn = make_loss(cfg)
-    mix = make_batch_transform(cfg, len(splits.class_names))
-    guard = NonFiniteGuard(accelerator, cfg.on_nan, run_dir)
-    with StopOnSignal() as stop:
-        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-            loader = epoch_loader(train_loader, epoch - 1, progress.batches_done)
-            last_batch = progress.batches_done + len(loader) - 1
-            guard.start_epoch(epoch, last_batch + 1)
+    def plain_model(self) -> nn.Module:
+        """The model without its DDP and torch.compile wrappers: the keys every checkpoint holds."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-            def on_step(step: int, stepped: bool) -> bool:
-                """After each batch: count optimizer steps, update the EMA, save/stop when asked."""
-                if not accelerator.sync_gradients:
-                    return False
-                progress.batches_done = step + 1
-                if stepped:
-                    progress.global_step += 1
-                    if ema is not None:
-                        ema.update(plain_model(), distributed=accelerator.num_processes > 1)
-                if step == last_batch:  # the epoch's own save follows
-                    return False
-                stopping = stop.requested(accelerator, step)
-                if stopping or (stepped and cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0):
-                    guard.check()  # never save weights a NaN has reached
-                    save_last()
-                return stopping
+    def save_last(self) -> None:
+        """Write last/ (weights, metadata and the training state a resume continues from)."""
+        save_last_state(self.accelerator, self.run_dir, self.progress, self.totals,
+                        lambda: self.plain_model().state_dict(), self.checkpoint_meta(self.progress.last_metrics))
 
-            if progress.batches_done == 0:
-                progress.epoch_lr = optimizer.param_groups[-1]["lr"]
-                totals.zero_()  # this epoch's sums (an epoch resumed midway continues the saved ones)
-            train = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn,
-                                    desc=f"epoch {epoch}/{cfg.epochs}", channels_last=cfg.channels_last,
-                                    on_step=on_step, batch_transform=mix, totals=totals,
-                                    start_step=progress.batches_done, guard=guard)
-            if progress.batches_done <= last_batch:  # on_step stopped the epoch early: a signal
-                _exit_interrupted(accelerator, stop.signum, run_dir, epoch, progress.batches_done, last_batch + 1)
-            should_stop = _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper,
-                                     train, progress.epoch_lr, epoch, meta, save_last, predictions, plain_model)
-            if guard.epoch_summary():
-                accelerator.print(guard.epoch_summary())
-            if stop.requested(accelerator) and not progress.finished:
-                _exit_interrupted(accelerator, stop.signum, run_dir, epoch, 0, 0)
-            if should_stop:
-                accelerator.print(f"early stopping: no better val_acc for {cfg.early_stopping_patience} epochs")
+    def checkpoint_meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Everything needed to use a checkpoint on its own (see checkpoint.py)."""
+        cfg, splits = self.cfg, self.splits
+        return {
+            "format_version": 1,
+            "arch": cfg.arch,
+            "num_classes": len(splits.class_names),
+            "class_names": splits.class_names,
+            "image_size": cfg.image_size,
+            "eval_resize": eval_size(cfg.image_size),
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "data": {"source": splits.source, "split_seed": cfg.seed, "val_split": cfg.val_split,
+                     "train_size": len(splits.train), "val_size": len(splits.val),
+                     "shuffle_seed": self.start.shuffle_seed, "val_from": splits.val_from},
+            "run_name": self.run_dir.name,
+            "epoch": self.progress.epoch,
+            "global_step": self.progress.global_step,
+            "metrics": metrics,
+            "config": to_dict(cfg),
+            "environment": self.env,
+            "saved_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "init_from": self.init_info,
+        }
+
+
+def fit(cfg: TrainConfig) -> Path:
+    """Train as configured (or continue an interrupted run); returns the run folder holding
+    best/ and last/ (and ema/ with --ema-decay).
+
+    Set up (where the run starts from, the accelerator, data, model and trackers), then each
+    epoch: train, validate (noting a new best), save, track; then finish the trackers."""
+    start = RunStart.resolve(cfg)
+    cfg = start.cfg
+    accelerator = make_accelerator(start.shuffle_seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
+                                   project_dir=cfg.output_dir, compile=cfg.compile)
+    if start.resume_dir:
+        check_same_process_count(start.saved_meta, accelerator.num_processes, start.resume_dir)
+    set_seed(cfg.seed)
+    init_state, splits = _load_data(accelerator, start)
+    run_dir = _open_run_dir(accelerator, start, splits)
+    run = Run.create(accelerator, start, splits, init_state, run_dir)
+    if start.resume_dir and not run.resume():
+        return run_dir  # it had already finished
+    run.start_tracking()
+    with run.stop:
+        for epoch in range(run.progress.epoch + 1, cfg.epochs + 1):
+            train = run.train_epoch(epoch)
+            result = run.validate(epoch, train)
+            run.save_epoch(result)
+            run.track(result)
+            if run.stop_after(result):
                 break
-    # the best epoch's predictions; the last epoch's when the best one ran before a resume
-    shown_epoch, shown = predictions.get("best") or predictions["last"]
-    tracking.finish(accelerator, run_dir, splits.class_names, splits.val, shown.scores, shown.labels,
-                    shown_epoch, progress.epoch)
-    accelerator.print(f"best val_acc {progress.best_accuracy:.2%}; checkpoints in {run_dir}/ "
-                      f"(evaluate: python eval.py --ckpt best --output-dir {cfg.output_dir})")
-    if splits.skipped:
-        accelerator.print(f"warning: {len(splits.skipped)} unusable image file(s) were skipped (listed at the start)")
+    run.finish()
     return run_dir
 
 
@@ -262,52 +452,6 @@ def check_same_process_count(saved_meta: dict, processes: int, run_dir: Path) ->
         raise UserError(f"--resume {run_dir}: the run was trained with {saved} process(es) and this launch has "
                         f"{processes}; resume it with {saved} (accelerate launch --num_processes {saved}), or start "
                         f"a new run from its weights with --init-from {run_dir / 'last'}")
-
-
-def _end_epoch(accelerator, cfg, splits, run_dir, model, val_loader, ema, progress, stopper, train, lr, epoch,
-               meta, save_last, predictions, plain_model) -> bool:
-    """Validate (and the EMA), save best/ema/last, log; True when early stopping says stop."""
-    from flowers.metrics import compute_metrics  # not at the top: importing evaluate (~2 s) would delay the first step
-    num_classes = len(splits.class_names)
-    out = evaluate(accelerator, model, val_loader, desc="validate", channels_last=cfg.channels_last)
-    check_validation_loss(out.loss, epoch, run_dir)
-    val = {**compute_metrics(out.scores, out.labels, num_classes), "loss": out.loss}
-    epoch_metrics = {
-        "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
-        "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
-        "train_samples": train.samples,
-    }
-    ema_is_best = False
-    if ema is not None:
-        ema_out = evaluate(accelerator, ema.module, val_loader, desc="validate ema", channels_last=cfg.channels_last)
-        ema_val = compute_metrics(ema_out.scores, ema_out.labels, num_classes)
-        epoch_metrics.update(ema_val_accuracy=ema_val["accuracy"], ema_val_loss=ema_out.loss)
-        ema_is_best = ema_val["accuracy"] > progress.best_ema_accuracy
-        progress.best_ema_accuracy = max(progress.best_ema_accuracy, ema_val["accuracy"])
-    is_best = val["accuracy"] > progress.best_accuracy
-    predictions.update(last=(epoch, out), **({"best": (epoch, out)} if is_best else {}))
-    progress.best_accuracy = max(progress.best_accuracy, val["accuracy"])
-    should_stop = stopper.step(val["accuracy"])
-    progress.epoch, progress.batches_done = epoch, 0
-    progress.finished = should_stop or epoch == cfg.epochs
-    progress.last_metrics = {**epoch_metrics, "val": val}
-    if accelerator.is_main_process:
-        append_history(run_dir, {"epoch": epoch, **epoch_metrics})
-    accelerator.wait_for_everyone()
-    save_last()
-    if accelerator.is_main_process:
-        if is_best:
-            checkpoint.save_checkpoint(run_dir / "best", plain_model().state_dict(),
-                                       meta(progress.last_metrics))
-        if ema_is_best:
-            checkpoint.save_checkpoint(run_dir / "ema", ema.module.state_dict(), meta(progress.last_metrics))
-    tracking.log_epoch(accelerator, run_dir, epoch, epoch_metrics)
-    line = _summary_line(epoch, cfg.epochs, train, val, lr, epoch_metrics["epoch_time_s"], is_best)
-    if ema is not None:
-        line += f"  ema_val_acc {epoch_metrics['ema_val_accuracy']:.2%}"
-    accelerator.print(line)
-    return should_stop
 
 
 def _exit_interrupted(accelerator: Accelerator, signum: Optional[int], run_dir: Path, epoch: int,

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout (CI), or further up (git worktrees); generated images otherwise.
-REAL_DATA = next((p / "shared" / "data" / "flower_dataset" for p in REPO.parents
-                  if (p / "shared" / "data" / "flower_dataset").is_dir()), REPO / "missing")
+# Optional real photos: $FLOWERS_TEST_PHOTOS, a folder with one sub-folder per class (.ci/run points
+# it at the flower set when there is one); generated images when it is unset or a class is absent.
+REAL_DATA = Path(os.environ.get("FLOWERS_TEST_PHOTOS") or REPO / "missing").expanduser().resolve()
 CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 

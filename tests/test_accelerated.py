@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import TINY_TRAIN, make_dataset, patched_entry_script, run_cli
 from flowers.data import default_workers, pins_memory
-from flowers.engine import train_one_epoch
+from flowers.engine import EpochOptions, train_one_epoch
 from flowers.evaluation import recorded_accuracy_verdict
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -136,7 +136,7 @@ def test_a_step_the_grad_scaler_skips_advances_neither_the_schedule_nor_the_step
 
     stepped = []
     train_one_epoch(accelerator, model, _batches(5), optimizer, scheduler, loss_overflowing_at_batch_3,
-                    channels_last=False, on_step=lambda step, did_step=None: stepped.append(did_step))
+                    EpochOptions(channels_last=False, on_step=lambda step, did_step=None: stepped.append(did_step)))
     assert scheduler.last_epoch == 4  # 5 batches, one skipped
     assert stepped == [True, True, False, True, True]  # what training.fit counts optimizer steps (and EMA updates) by
 
@@ -160,7 +160,7 @@ def test_the_training_loop_creates_no_float64_tensor():
     model, optimizer = accelerator.prepare(model, optimizer)
     with RecordFloat64():
         stats = train_one_epoch(accelerator, model, _batches(3), optimizer, None,
-                                nn.CrossEntropyLoss(reduction="none"), channels_last=False)
+                                nn.CrossEntropyLoss(reduction="none"), EpochOptions(channels_last=False))
     assert stats.samples == 12
     assert created == []
 

@@ -16,7 +16,7 @@ from datasets import Image
 from PIL import Image as PILImage
 
 from conftest import REPO, TINY_TRAIN, run_cli
-from flowers.data import WORKER_NICE, SeededAugmentation, image_paths, load_splits, make_loader, resized_splits
+from flowers.data import WORKER_NICE, LoaderOptions, SeededAugmentation, image_paths, load_splits, make_loader, resized_splits
 from flowers.imagefiles import load_rgb
 from flowers.transforms import ColorJitterMatrix, ToNormalisedTensor, eval_size, eval_transform, train_transform
 
@@ -139,7 +139,7 @@ def test_persistent_workers_see_each_epochs_augmentation(flower_dir):
 
     def epochs(workers: int) -> list[torch.Tensor]:
         loader = make_loader(SeededAugmentation(train, train_transform(32), seed=3), batch_size=8, shuffle=False,
-                             workers=workers, device_type="cpu", image_size=32, seed=3)
+                             options=LoaderOptions(workers=workers, device_type="cpu", image_size=32, seed=3))
         images = []
         for epoch in range(3):
             loader.dataset.epoch = epoch  # as resume.epoch_loader does before every epoch
@@ -168,6 +168,6 @@ def test_cpu_training_workers_yield_the_cores_to_the_model():
     the model's threads leave instead of preempting them; for a GPU they keep normal priority."""
     base = os.nice(0)
     for device_type, expected in (("cpu", min(19, base + WORKER_NICE)), ("cuda", base), ("mps", base)):
-        loader = make_loader(_WorkerNiceness(), batch_size=2, shuffle=False, workers=1, device_type=device_type,
-                             image_size=1)
+        loader = make_loader(_WorkerNiceness(), batch_size=2, shuffle=False,
+                             options=LoaderOptions(workers=1, device_type=device_type, image_size=1))
         assert [int(n) for batch in loader for n in batch["pixel_values"].flatten()] == [expected] * 4

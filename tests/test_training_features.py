@@ -21,7 +21,7 @@ from torch import nn
 from conftest import REPO, TINY_TRAIN, interrupt_when, make_colour_dataset, make_dataset, read_history, run_cli
 from flowers.config import TrainConfig
 from flowers.data import collate
-from flowers.engine import train_one_epoch
+from flowers.engine import EpochOptions, train_one_epoch
 from flowers.recipe import make_loss
 from flowers.runtime import make_accelerator
 
@@ -51,7 +51,7 @@ def _sgd_update(batches: list[tuple[torch.Tensor, torch.Tensor]], accum_steps: i
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
     loader = [collate([{"pixel_values": image, "labels": int(label)} for image, label in zip(x, y)]) for x, y in batches]
     train_one_epoch(accelerator, model, loader, optimizer, None, make_loss(TrainConfig(label_smoothing=0.0)),
-                    channels_last=False)
+                    EpochOptions(channels_last=False))
     return {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from conftest import REPO, TINY_TRAIN, make_dataset, patched_entry_script, run_cli
 from flowers import training
 from flowers.config import TrainConfig
-from flowers.engine import train_one_epoch
+from flowers.engine import EpochOptions, train_one_epoch
 from flowers.model import build_model
 from flowers.nonfinite import NonFiniteGuard
 from flowers.optim import build_optimizer, build_scheduler
@@ -168,7 +168,7 @@ def test_a_skipped_nan_batch_leaves_weights_and_batchnorm_statistics_as_they_wer
     guard = NonFiniteGuard(accelerator, "skip")
     guard.start_epoch(1, len(batches))
     train_one_epoch(accelerator, model, batches, optimizer, None, nn.CrossEntropyLoss(reduction="none"),
-                    channels_last=False, on_step=after_step, guard=guard)
+                    EpochOptions(channels_last=False, on_step=after_step, guard=guard))
     before, after = states[0], states[1]
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
     assert stepped == [True, False, True]  # training.fit updates the EMA on stepped batches only
@@ -223,7 +223,8 @@ def test_train_loss_is_reported_without_label_smoothing_like_val_loss():
     batches = [{"pixel_values": torch.randn(4, 3, 2, 2, generator=g), "labels": torch.randint(0, 3, (4,), generator=g),
                 "valid": torch.ones(4, dtype=torch.bool)} for _ in range(2)]
     stats = train_one_epoch(accelerator, model, batches, optimizer, None,
-                            nn.CrossEntropyLoss(label_smoothing=0.3, reduction="none"), channels_last=False)
+                            nn.CrossEntropyLoss(label_smoothing=0.3, reduction="none"),
+                            EpochOptions(channels_last=False))
     with torch.no_grad():
         plain = torch.cat([nn.functional.cross_entropy(model(b["pixel_values"]), b["labels"], reduction="none")
                            for b in batches]).mean()

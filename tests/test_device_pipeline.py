@@ -1,0 +1,258 @@
+"""--pipeline device: decoded images on the training device, batches augmented there (device_data.py,
+transforms.BatchAugmentation), checked against the PIL executor and the DataLoader path."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+from torchvision.transforms import v2
+
+from conftest import (ACCELERATE, TINY_TRAIN, free_port, interrupt_mid_epoch, make_dataset, patched_entry_script,
+                      read_history, run_cli)
+from flowers import device_data as dd
+from flowers import transforms as T
+from flowers.data import load_splits, resized_splits, with_transform
+
+STD_255 = torch.tensor(T.IMAGENET_STD)[:, None, None] * 255  # normalised differences back to 0-255 levels
+
+
+def _photo(width: int, height: int, seed: int) -> PILImage.Image:
+    """A smooth random photo (an 8x smaller noise image scaled up): edges and gradients like a real one."""
+    small = np.random.default_rng(seed).integers(0, 256, (max(1, height // 8), max(1, width // 8), 3), dtype=np.uint8)
+    return PILImage.fromarray(small).resize((width, height), PILImage.BICUBIC)
+
+
+def _dataset(images: list[PILImage.Image], tmp_path: Path) -> Dataset:
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        img.save(paths[-1])
+    return Dataset.from_dict({"image": paths, "label": [i % 2 for i in range(len(images))]},
+                             features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
+
+
+SIZE = 64
+SHORT = T.eval_size(SIZE)
+# landscape, portrait (stored lying down), square and 2:1 photos, as data.resized_copy stores them
+SHAPES = [(SHORT * 3 // 2, SHORT), (SHORT, SHORT * 3 // 2), (SHORT, SHORT), (2 * SHORT, SHORT)]
+
+
+def test_each_image_of_a_batch_gets_its_own_draw_and_the_draws_follow_seed_and_epoch(tmp_path):
+    images = dd.decode_training_images(_dataset([_photo(*SHAPES[0], seed=0)] * 8, tmp_path), SIZE)
+    pixels = dd.TrainPixels(images, SIZE, seed=5, device=torch.device("cpu"))
+    rows = torch.arange(8)
+    batch = pixels(rows, rows, epoch=0)
+    assert batch.shape == (8, 3, SIZE, SIZE) and batch.dtype == torch.float32
+    flat = batch.flatten(1)
+    assert len({tuple(row.tolist()) for row in flat}) == 8  # one photo, eight different augmentations
+    assert torch.equal(batch, pixels(rows, rows, epoch=0))  # a function of (seed, epoch, image)
+    assert not torch.equal(batch, pixels(rows, rows, epoch=1))
+    # the same image in another batch position, or alone, draws the same
+    assert torch.equal(pixels(rows[[3]], rows[[3]], epoch=0), batch[[3]])
+
+
+def _interior(params: list[T.AugmentParams], size: int, inside: bool = True) -> torch.Tensor:
+    """Pixels at least 2 pixels away from the edge of the black fill the affine warp leaves outside
+    the crop: on the crop's side (inside) or on the fill's."""
+    inverse, _ = T._warp_matrices(params, size)
+    theta = (T._normalised_coords(size, size) @ inverse @ torch.linalg.inv(T._normalised_coords(size, size)))[:, :2]
+    in_crop = F.affine_grid(theta.float(), [len(params), 1, size, size], align_corners=False).abs().amax(-1) <= 1
+    side = (in_crop if inside else ~in_crop)[:, None].float()
+    return -F.max_pool2d(-side, 5, stride=1, padding=2)[:, 0] > 0.5
+
+
+def _difference(photos: list, images: dd.DecodedImages, params: list[T.AugmentParams]) -> torch.Tensor:
+    """|device executor - PIL executor| on the 0-255 scale, (N, 3, SIZE, SIZE)."""
+    device = T.BatchAugmentation(SIZE)(images.pixels, images.transposed, params)
+    pil = torch.stack([T.ToNormalisedTensor()(T.augment_pil(p, q, SIZE)) for p, q in zip(photos, params)])
+    return ((device - pil) * STD_255).abs()
+
+
+def test_device_executor_matches_the_pil_executor_for_the_same_draws(tmp_path):
+    """Tolerance, on the 0-255 scale, per image, at least 2 pixels away from the edge between the
+    crop and the black fill the warp leaves around it:
+    - crop, flip and colour jitter (no rotation or affine): a mean absolute difference under 1
+      level (bilinear sampling vs PIL's antialiased resize; PIL rounds to uint8 between steps);
+    - everything: a mean under 5 levels and a median under 4. PIL's warp samples the nearest
+      pixel (torchvision's RandomAffine default), up to half a pixel from where bilinear samples;
+    - in the fill (black, then colour-jittered on both paths): a mean under 1 level.
+    A wrong crop, flip, angle or colour step gives tens of levels."""
+    photos = [_photo(*SHAPES[i % 4], seed=i) for i in range(16)]
+    images = dd.decode_training_images(_dataset(photos, tmp_path), SIZE)
+    assert images.transposed.tolist() == [False, True, False, False] * 4
+    generator = torch.Generator().manual_seed(1)
+    params = [T.sample_augmentation(p.width, p.height, SIZE, generator) for p in photos]
+    assert {p.flip for p in params} == {True, False}
+    difference = _difference(photos, images, params)
+    crop, fill = _interior(params, SIZE), _interior(params, SIZE, inside=False)
+    assert fill.any()
+    for i in range(len(photos)):
+        inside = difference[i][:, crop[i]]
+        assert inside.numel() > 0.3 * 3 * SIZE * SIZE
+        assert inside.mean() < 5 and inside.median() < 4, (i, SHAPES[i % 4], params[i], inside.mean(), inside.median())
+        assert not fill[i].any() or difference[i][:, fill[i]].mean() < 1, (i, params[i])
+    no_warp = [T.AugmentParams(**{**q.__dict__, "angle": 0.0, "translate": (0, 0), "scale": 1.0}) for q in params]
+    difference = _difference(photos, images, no_warp)
+    crop = _interior(no_warp, SIZE)
+    for i in range(len(photos)):
+        assert difference[i][:, crop[i]].mean() < 1, (i, SHAPES[i % 4], no_warp[i])
+    # the same comparison notices a mistake: the flip left out of one executor
+    unflipped = [T.AugmentParams(**{**q.__dict__, "flip": not q.flip}) for q in no_warp]
+    device = T.BatchAugmentation(SIZE)(images.pixels, images.transposed, unflipped)
+    pil = torch.stack([T.ToNormalisedTensor()(T.augment_pil(p, q, SIZE)) for p, q in zip(photos, no_warp)])
+    assert all(((device[i] - pil[i]) * STD_255).abs().mean() > 8 for i in range(len(photos)))
+
+
+def test_the_colour_matrix_is_the_same_maths_for_one_image_and_a_batch():
+    generator = torch.Generator().manual_seed(0)
+    draws = [T.draw_jitter(generator=generator) for _ in range(40)]
+    means = np.random.default_rng(0).uniform(0, 255, (40, 3))
+    singles = []
+    for (order, factors), mean in zip(draws, means):
+        matrix = np.eye(4)
+        for kind in order:
+            matrix = T._jitter_step(kind, factors[kind], (matrix @ np.append(mean, 1.0))[:3]) @ matrix
+        singles.append(matrix[:3])
+    batched = T.colour_matrices(torch.tensor([o for o, _ in draws]), torch.tensor([f for _, f in draws]),
+                                torch.tensor(means, dtype=torch.float32))
+    assert torch.allclose(batched.double(), torch.tensor(np.array(singles)), atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_the_sampler_draws_what_torchvisions_transforms_drew():
+    """The geometric draws are torchvision's, draw for draw: seeds give the crops they always gave."""
+    photo = _photo(*SHAPES[0], seed=3)
+    torchvision_steps = v2.Compose([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip(),
+                                    v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = np.asarray(torchvision_steps(photo))
+        params = T.sample_augmentation(photo.width, photo.height, SIZE, torch.Generator().manual_seed(seed))
+        ours = T.augment_pil(photo, T.AugmentParams(**{**params.__dict__, "colour_factors": (1.0, 1.0, 1.0, 0.0)}),
+                             SIZE)
+        assert np.array_equal(np.asarray(ours), expected), seed
+
+
+def test_evaluation_pixels_are_identical_on_both_pipelines(flower_dir):
+    splits = load_splits(str(flower_dir), 0.2, seed=0)
+    workers = with_transform(splits.val, T.eval_transform(SIZE))
+    expected = torch.stack([workers[i]["pixel_values"] for i in range(len(splits.val))])
+    cached = resized_splits(splits, SHORT)  # what the device path decodes
+    images = dd.decode_eval_images(cached.val, SIZE)
+    rows = torch.arange(len(images))
+    assert torch.equal(dd.EvalPixels(images, torch.device("cpu"))(rows, rows, epoch=0), expected)
+    assert images.labels.tolist() == splits.val["label"]
+
+
+@pytest.mark.parametrize("processes,drop_last", [(1, True), (2, True), (3, False), (2, False)])
+def test_process_shards_are_disjoint_and_cover_the_epoch(processes, drop_last):
+    n, batch = 23, 4
+    images = dd.DecodedImages(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), [(1, 1)] * n, torch.zeros(n, dtype=torch.bool),
+                              torch.arange(n), torch.ones(n, dtype=torch.bool))
+
+    class Rows:  # the loader's rows, as its "pixels"
+        device = torch.device("cpu")
+
+        def __call__(self, rows, device_rows, epoch):
+            return device_rows
+
+    loaders = [dd.DeviceLoader(images, dd.Shard(r, processes, batch), Rows(), shuffle_seed=7, drop_last=drop_last)
+               for r in range(processes)]
+    seen = [[(b["labels"][b["valid"]]).tolist() for b in loader.for_epoch(2)] for loader in loaders]
+    lengths = {len(loader.for_epoch(2)) for loader in loaders}
+    assert lengths == {len(s) for s in seen} and len(lengths) == 1  # every process, the same number of batches
+    flat = [label for rank in seen for labels in rank for label in labels]
+    assert len(flat) == len(set(flat))  # disjoint
+    global_batch = batch * processes
+    assert len(flat) == (n // global_batch * global_batch if drop_last else n)  # whole global batches / all of it
+    assert sorted(flat) != flat  # shuffled...
+    again = [[b["labels"][b["valid"]].tolist() for b in loader.for_epoch(2)] for loader in loaders]
+    assert again == seen  # ...as a function of (seed, epoch)
+    assert [[b["labels"][b["valid"]].tolist() for b in loader.for_epoch(3)] for loader in loaders] != seen
+    resumed = [b["labels"][b["valid"]].tolist() for b in loaders[0].for_epoch(2, skip_batches=2)]
+    assert resumed == seen[0][2:]
+
+
+# ---- real runs with --pipeline device on the CPU ---------------------------------------------------
+
+# dropout, MixUp and EMA make the comparison cover the RNG and every piece of saved state
+DEVICE_RUN = (*TINY_TRAIN, "--pipeline", "device", "--epochs", "2", "--batch-size", "4", "--dropout", "0.2",
+              "--mixup", "0.2", "--ema-decay", "0.9", "--seed", "3")
+
+
+def _history_without_timings(run: Path) -> list[dict]:
+    rows = read_history(run)
+    for row in rows:
+        row.pop("epoch_time_s"), row.pop("images_per_s")
+    return rows
+
+
+@pytest.mark.slow
+def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tmp_path):
+    """25 photos: 20 train in 5 batches of 4. SIGTERM once step 6 (epoch 2's first) is saved; the
+    resumed run ends with exactly the weights, EMA and history of a run nobody interrupted."""
+    data = make_dataset(tmp_path / "flowers", per_class=5)
+    out = tmp_path / "out"
+    train = ("train.py", "--data", str(data), "--output-dir", str(out), *DEVICE_RUN)
+    whole = run_cli("python", *train, "--run-name", "whole", timeout=1200)
+    assert "device pipeline: 20 + 5 images decoded, kept on cpu" in whole.stdout
+    stopped = interrupt_mid_epoch([sys.executable, *train, "--run-name", "cut", "--save-every-steps", "2"],
+                                  out / "cut", global_step=6, timeout=1200)
+    assert stopped.returncode != 0, stopped.stdout[-2000:]
+    found = [int(k) for k in __import__("re").findall(r"at epoch 2, batch (\d+)/5\.", stopped.stdout)]
+    assert len(found) == 1 and 0 < found[0] < 5, stopped.stdout[-2000:]
+    resumed = run_cli("python", "train.py", "--resume", str(out / "cut"), timeout=1200)
+    assert f"after epoch 1/2 and {found[0]} batches of the next" in resumed.stdout
+    for name in ("last", "best", "ema"):
+        ours, theirs = load_file(str(out / "cut" / name / "model.safetensors")), load_file(str(out / "whole" / name / "model.safetensors"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), f"{name}/ weights differ"
+    assert _history_without_timings(out / "cut") == _history_without_timings(out / "whole")
+
+
+RECORD_ROWS = """
+import json
+from flowers import device_data
+_call = device_data.TrainPixels.__call__
+def _recording(self, rows, device_rows, epoch):
+    with open(os.environ["ROWS"] + os.environ.get("RANK", "0"), "a") as f:
+        f.write(json.dumps([epoch, rows.tolist()]) + "\\n")
+    return _call(self, rows, device_rows, epoch)
+device_data.TrainPixels.__call__ = _recording
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics_of_one_process(tmp_path):
+    """Two real CPU ranks (gloo): 45 photos, 36 train in global batches of 2 x 4, so each epoch
+    4 batches a rank, 32 images, none twice; 9 validation images in 2 global batches (the second
+    padded). The accuracy both ranks record is what one process measures (eval.py)."""
+    data = make_dataset(tmp_path / "flowers", per_class=9)
+    script = patched_entry_script(tmp_path / "train_rows.py", RECORD_ROWS)
+    out = tmp_path / "out"
+    proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port",
+                   str(free_port()), script, "--data", str(data), "--output-dir", str(out), "--run-name", "ddp",
+                   *TINY_TRAIN, "--pipeline", "device", "--epochs", "2", "--batch-size", "4",
+                   env={"ACCELERATE_USE_CPU": "true", "ROWS": str(tmp_path / "rows-")}, timeout=1200)
+    assert "processes: 2" in proc.stdout
+    seen = {rank: [json.loads(line) for line in (tmp_path / f"rows-{rank}").read_text().splitlines()]
+            for rank in "01"}
+    for epoch in (0, 1):
+        shards = [[row for e, rows in seen[rank] if e == epoch for row in rows] for rank in "01"]
+        assert [len(s) for s in shards] == [16, 16]
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 32
+    history = read_history(out / "ddp")
+    assert [row["train_samples"] for row in history] == [32, 32]
+    evaluated = run_cli("python", "eval.py", "--ckpt", str(out / "ddp" / "last"), timeout=600)
+    assert "matches the accuracy recorded at training time" in evaluated.stdout, evaluated.stdout
+    result = json.loads(next((out / "ddp").glob("eval-last*/results.json")).read_text())
+    assert abs(result["metrics"]["loss"] - history[-1]["val_loss"]) < 1e-4
