@@ -38,7 +38,8 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
     sync) compute the same matrices. Hue is a rotation about the grey axis, the usual linear
     stand-in for an HSV hue shift."""
     dtype, device, n = mean_rgb.dtype, mean_rgb.device, len(order)
-    luma = torch.tensor(LUMA, dtype=dtype, device=device)
+    # constants made on the host and queued for the device (torch.tensor(..., device=cuda) would wait for it)
+    luma = upload(torch.tensor(LUMA, dtype=dtype), device)
     eye = torch.eye(4, dtype=dtype, device=device)
     brightness, contrast, saturation, hue = factors.to(dtype).unbind(1)
     steps = eye.repeat(n, 4, 1, 1)  # (B, kind, 4, 4)
@@ -48,7 +49,7 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
                                     + (1 - saturation)[:, None, None] * luma.expand(3, 3))
     angle = 2 * math.pi * hue
     axis = torch.full((3,), 1 / math.sqrt(3), dtype=dtype, device=device)
-    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype, device=device) / math.sqrt(3)
+    cross = upload(torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype) / math.sqrt(3), device)
     steps[:, HUE, :3, :3] = (angle.cos()[:, None, None] * eye[:3, :3] + angle.sin()[:, None, None] * cross
                              + (1 - angle.cos())[:, None, None] * torch.outer(axis, axis))
     matrix = eye.repeat(n, 1, 1)
