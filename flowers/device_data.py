@@ -15,6 +15,8 @@ path computes, so evaluation is identical on both paths.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -61,7 +63,9 @@ class DecodedImages:
 def _rows(ds: Dataset, desc: str) -> Iterator[tuple[Optional[PILImage.Image], int]]:
     """Each image of `ds` decoded (None with a warning when it no longer decodes) and its label."""
     source = ds.cast_column("image", Image(decode=False))
-    with tqdm(total=len(ds), desc=desc, leave=False, dynamic_ncols=True) as bar:
+    # one bar per node, on a terminal only (a log file gets the summary line that follows)
+    quiet = not sys.stderr.isatty() or os.environ.get("LOCAL_RANK", "0") != "0"
+    with tqdm(total=len(ds), desc=desc, leave=False, dynamic_ncols=True, disable=quiet) as bar:
         for start in range(0, len(ds), DECODE_CHUNK):
             chunk = source[start:start + DECODE_CHUNK]
             for entry, label in zip(chunk["image"], chunk["label"]):

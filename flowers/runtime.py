@@ -90,7 +90,7 @@ def _warn_slow_precision(accelerator: Accelerator) -> None:
     if accelerator.device.type != "cpu" or accelerator.mixed_precision == "no":
         return
     if accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
-        accelerator.print("warning: bf16 on a CPU without native bf16 is much slower (10-18x here) than fp32; "
+        accelerator.print("warning: bf16 on a CPU without native bf16 is many times slower than fp32; "
                           "launch with --mixed_precision no for speed")
     elif accelerator.mixed_precision == "fp16":
         accelerator.print("warning: fp16 mixed precision has no effect on CPU; training runs in fp32")

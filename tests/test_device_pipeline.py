@@ -182,6 +182,24 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(processes, drop_last):
     assert resumed == seen[0][2:]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_batches_make_no_host_sync_on_cuda(tmp_path):
+    """Making a training batch (indexing, augmentation, colour, normalisation) never makes the host
+    wait for the GPU: torch raises on any synchronising call in this mode."""
+    device = torch.device("cuda")
+    images = dd.place(dd.decode_training_images(_dataset([_photo(*SHAPES[i % 4], seed=i) for i in range(8)],
+                                                          tmp_path), SIZE), device)
+    assert images.pixels.device.type == "cuda"
+    loader = dd.DeviceLoader(images, dd.Shard(0, 1, 4), dd.TrainPixels(images, SIZE, 0, device), shuffle_seed=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(loader.for_epoch(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 2 and batches[0]["pixel_values"].is_cuda
+
+
 # ---- real runs with --pipeline device on the CPU ---------------------------------------------------
 
 # dropout, MixUp and EMA make the comparison cover the RNG and every piece of saved state
