@@ -52,12 +52,13 @@ class DecodedImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def gather(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The uint8 pixels of `rows` (a tensor on `device`) on `device`: an index on the device
-        when the images live there, else gathered on the host and copied from pinned memory."""
-        if self.pixels.device == device:
-            return self.pixels[rows]
-        return upload(self.pixels[rows.cpu()], device)
+    def gather(self, rows: torch.Tensor, device_rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The uint8 pixels of `rows` (on the host; `device_rows`: the same on `device`) on `device`:
+        an index on the device when the images live there, else gathered on the host and copied
+        from pinned memory."""
+        if self.pixels.device.type == device.type:
+            return self.pixels[device_rows]
+        return upload(self.pixels[rows], device)
 
 
 def _rows(ds: Dataset, desc: str) -> Iterator[tuple[Optional[PILImage.Image], int]]:
@@ -220,7 +221,7 @@ class TrainPixels:
             height, width = self.images.sizes[index]
             generator = torch.Generator().manual_seed(example_seed(self.seed, epoch, index))
             params.append(sample_augmentation(width, height, self.image_size, generator))
-        return self.augment(self.images.gather(device_rows, self.device), self.images.transposed[rows], params)
+        return self.augment(self.images.gather(rows, device_rows, self.device), self.images.transposed[rows], params)
 
 
 class EvalPixels:
@@ -230,4 +231,4 @@ class EvalPixels:
         self.images, self.device, self.normalise = images, device, DeviceNormalise()
 
     def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
-        return self.normalise(self.images.gather(device_rows, self.device))
+        return self.normalise(self.images.gather(rows, device_rows, self.device))
