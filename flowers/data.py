@@ -19,6 +19,7 @@ from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from torch.utils.data import DataLoader
 
+from flowers import device_data as dd
 from flowers import imagefiles
 from flowers.config import TrainConfig
 from flowers.errors import UserError
@@ -260,11 +261,8 @@ def with_transform(ds: Dataset, transform: Callable) -> Dataset:
 
 
 def _transformed_or_none(entry: dict, transform: Callable) -> Optional[torch.Tensor]:
-    try:
-        return transform(imagefiles.load_rgb(entry))
-    except imagefiles.UnusableImage as e:
-        print(f"warning: skipped {e}", flush=True)
-        return None
+    img = imagefiles.load_rgb_or_none(entry)
+    return None if img is None else transform(img)
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
@@ -398,9 +396,6 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, options: LoaderOpti
     )
 
 
-PIPELINES = ("device", "workers")
-
-
 def resolve_pipeline(pipeline: str, device_type: str) -> str:
     """--pipeline auto: the device path on an accelerator, DataLoader workers on a CPU (where the
     workers path keeps up with the model and is measured faster)."""
@@ -427,7 +422,6 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
     # drop_last: a last batch of one image would crash BatchNorm in training mode
     drop_last = len(splits.train) > cfg.batch_size * accelerator.num_processes
     if pipeline == "device":
-        from flowers import device_data as dd
         with accelerator.local_main_process_first():  # one progress bar per node at a time
             train_images = dd.place(dd.decode_training_images(splits.train, cfg.image_size), device)
             val_images = dd.place(dd.decode_eval_images(splits.val, cfg.image_size), device)

@@ -70,11 +70,7 @@ def _rows(ds: Dataset, desc: str) -> Iterator[tuple[Optional[PILImage.Image], in
         for start in range(0, len(ds), DECODE_CHUNK):
             chunk = source[start:start + DECODE_CHUNK]
             for entry, label in zip(chunk["image"], chunk["label"]):
-                try:
-                    yield imagefiles.load_rgb(entry), label
-                except imagefiles.UnusableImage as e:
-                    print(f"warning: skipped {e}", flush=True)
-                    yield None, label
+                yield imagefiles.load_rgb_or_none(entry), label
                 bar.update()
 
 
@@ -172,9 +168,6 @@ class DeviceLoader(DataLoaderStateMixin):
     def __len__(self) -> int:
         batches = len(self.images) / self.shard.global_batch
         return (math.floor(batches) if self.drop_last else math.ceil(batches)) - self.start_batch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def for_epoch(self, epoch: int, skip_batches: int = 0) -> "DeviceLoader":
         """This loader for `epoch` (0-based), starting after its first `skip_batches` batches."""

@@ -236,6 +236,16 @@ def load_rgb(entry: dict) -> Image.Image:
                             "when the run started: did the file change?") from None
 
 
+def load_rgb_or_none(entry: dict) -> Optional[Image.Image]:
+    """load_rgb, or None after a one-line warning when the image no longer decodes (a run keeps
+    going without it: see data.collate and device_data)."""
+    try:
+        return load_rgb(entry)
+    except UnusableImage as e:
+        print(f"warning: skipped {e}", flush=True)
+        return None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: 16-bit scaled to 8-bit, transparency composited onto white."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
