@@ -24,7 +24,7 @@ info = tracking.run_info({"lr": 1e-3}, splits.source, splits.class_names, len(sp
 t0 = time.perf_counter(); import wandb; t1 = time.perf_counter()
 tracking.start(acc, tracking.RunInfo("wandb", None, "bench", run_dir, info)); t2 = time.perf_counter()
 for epoch in range(1, 26):
-    tracking.log_epoch(acc, run_dir, epoch, {"train_loss": 1.0 / epoch, "val_accuracy": epoch / 26})
+    tracking.log_epoch(acc, epoch, {"train_loss": 1.0 / epoch, "val_accuracy": epoch / 26})
 t3 = time.perf_counter()
 n = len(splits.val)
 scores = np.random.default_rng(0).normal(size=(n, 5)).astype("float32")

@@ -27,6 +27,7 @@ from flowers import checkpoint, report
 from flowers.cli import run
 from flowers.config import CompareConfig, parse
 from flowers.errors import UserError
+from flowers.resume import read_history
 
 # what the config-differences table leaves out: the column headings already name the runs
 NOT_COMPARED = ("run_name", "config")
@@ -66,19 +67,6 @@ def find_runs(output_dir: str, group: str) -> list[Run]:
                         f"(train them with --group {group}, or pass --output-dir)")
     return [Run(folder.name, folder, config, read_history(folder), _read_best(folder))
             for _, folder, config in sorted(found, key=lambda item: (item[0], item[1].name))]
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "history.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    return rows
 
 
 def _read_best(run_dir: Path) -> Optional[dict[str, Any]]:

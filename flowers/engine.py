@@ -94,10 +94,11 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
     if running is None:
         running = torch.zeros(3, device=accelerator.device, dtype=torch.float32)
     start = time.perf_counter()
+    tail_start, tail_scale = _accumulation_tail(options.start_step + len(loader), accelerator.gradient_accumulation_steps)
     with _bar(accelerator, len(loader), options.desc) as bar:
         for step, batch in enumerate(loader, start=options.start_step):
             loss, logits, valid, stepped = _train_step(accelerator, model, batch, optimizer, scheduler, loss_fn,
-                                                       options)
+                                                       options, tail_scale if step >= tail_start else 1.0)
             labels = batch["labels"]
             with torch.no_grad():  # reported loss: plain cross-entropy with the true labels, as val_loss
                 plain_loss = F.cross_entropy(logits.detach().float(), labels, reduction="none")
@@ -117,15 +118,36 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                       seconds=time.perf_counter() - start)
 
 
+def _accumulation_tail(batches: int, accumulate: int) -> tuple[int, float]:
+    """The first batch of an epoch's last, short accumulation cycle and the factor its losses need.
+
+    Accelerate divides every loss by --grad-accum-steps N and updates after each N batches and at
+    the end of the epoch; k < N batches left over would apply k/N of their mean gradient. Scaled
+    by N/k, that update gets their mean gradient, as a full cycle does."""
+    left_over = batches % accumulate
+    return (batches - left_over, accumulate / left_over) if left_over else (batches, 1.0)
+
+
+def _stand_in_for_undecoded(images: torch.Tensor, labels: torch.Tensor,
+                            valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images that did not decode hold another image's pixels (or zeros) under their own label:
+    before MixUp/CutMix blends them into their neighbours, give each the first valid image's pixels
+    and label, so that every mixed target names the pixels it holds. Device ops only (no host sync)."""
+    first = valid.to(torch.uint8).argmax()
+    keep = valid.bool()
+    return (torch.where(keep[:, None, None, None], images, images[first]),
+            torch.where(keep, labels, labels[first]))
+
+
 def _train_step(accelerator: Accelerator, model: nn.Module, batch: dict, optimizer, scheduler, loss_fn: Callable,
-                options: EpochOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                options: EpochOptions, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Forward, backward and (at the end of an accumulation cycle) the update for one batch;
     returns the loss, the logits, which images decoded (as 0/1 floats) and whether the weights
-    were updated."""
+    were updated. `loss_scale` weights the gradient (see _accumulation_tail), not the loss returned."""
     images, labels, valid = _images(batch, options.channels_last), batch["labels"], batch["valid"].float()
     targets = labels
     if options.batch_transform is not None:
-        images, targets = options.batch_transform(images, labels)
+        images, targets = options.batch_transform(*_stand_in_for_undecoded(images, labels, valid))
     guard = options.guard
     with accelerator.accumulate(model):
         if guard is not None:
@@ -133,7 +155,7 @@ def _train_step(accelerator: Accelerator, model: nn.Module, batch: dict, optimiz
         logits = model(images)
         # the mean over the images that decoded (see data.collate); 0 when none did
         loss = (loss_fn(logits, targets) * valid).sum() / valid.sum().clamp(min=1)
-        accelerator.backward(loss)
+        accelerator.backward(loss * loss_scale if loss_scale != 1.0 else loss)
         skipped = guard is not None and guard.skip_update(model)
         if not skipped:
             optimizer.step()
@@ -174,7 +196,10 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "ev
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                       disable=not show_progress(accelerator)):
-        logits = predict_logits(model, _images(batch, channels_last), tta).float()
+        # the launch's mixed precision for any model: a prepared one has it already, the EMA's
+        # module (never prepared) would otherwise run in fp32
+        with accelerator.autocast():
+            logits = predict_logits(model, _images(batch, channels_last), tta).float()
         per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
         # every process gathers batches of equal size; images that did not decode are left out after
         logits, batch_labels, per_example, valid = accelerator.gather_for_metrics(

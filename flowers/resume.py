@@ -99,13 +99,29 @@ def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return from_dict(TrainConfig, values, source=f"{run_dir}/last/{checkpoint.META_FILE}")
 
 
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """history.jsonl's rows, one per finished epoch; a line cut short by a kill is left out."""
+    path = Path(run_dir) / HISTORY_FILE
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+    return rows
+
+
 def trim_history(run_dir: Path, completed_epochs: int) -> None:
-    """Drop per-epoch rows written after the state we resume from."""
+    """Keep the rows of the epochs the resumed state has finished: drop later ones (written after
+    the state we resume from) and a line a kill cut short."""
     path = run_dir / HISTORY_FILE
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
-        path.write_text("".join(row + "\n" for row in rows))
+        rows = [row for row in read_history(run_dir) if row["epoch"] <= completed_epochs]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, path)
 
 
 def append_history(run_dir: Path, row: dict) -> None:

@@ -46,8 +46,10 @@ def make_accelerator(seed: int, grad_accum_steps: int = 1, log_with: Optional[li
         log_with=log_with or None,
         project_dir=project_dir,
         # Accelerate owns the shuffle order (seeded per epoch), which makes data order resumable.
-        # non_blocking: batch copies to the GPU overlap compute (with pinned memory); no effect on CPU.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, non_blocking=True),
+        # non_blocking: batch copies to a CUDA GPU overlap compute (with pinned memory); not on MPS,
+        # where a non-blocking copy of a temporary can deliver garbage (PyTorch #139550, #189690).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
+                                                  non_blocking=torch.cuda.is_available()),
         # Our scheduler steps once per optimizer step, which we call ourselves.
         step_scheduler_with_optimizer=False,
     )

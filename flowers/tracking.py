@@ -174,12 +174,10 @@ def _remember_wandb_run(wandb_run, run: RunInfo) -> None:
 
 # ---- per epoch ---------------------------------------------------------------------------
 
-def log_epoch(accelerator: Accelerator, run_dir: Path, epoch: int, metrics: dict[str, float]) -> None:
-    """One epoch's scalars to every tracker (step = epoch) and a row of summary.csv."""
-    row = {"epoch": epoch, **metrics}
-    accelerator.log(row, step=epoch)
-    if accelerator.is_main_process:
-        write_summary_row(Path(run_dir) / SUMMARY_FILE, row)
+def log_epoch(accelerator: Accelerator, epoch: int, metrics: dict[str, float]) -> None:
+    """One epoch's scalars to every tracker (step = epoch); training writes summary.csv with its
+    checkpoints (write_summary_row)."""
+    accelerator.log({"epoch": epoch, **metrics}, step=epoch)
 
 
 def write_summary_row(path: Path, row: dict[str, Any]) -> None:

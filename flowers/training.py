@@ -141,6 +141,7 @@ class EpochResult:
     metrics: dict[str, Any]     # the epoch's row in history.jsonl, summary.csv and the trackers
     is_best: bool               # a better val_accuracy than any earlier epoch: saved as best/
     ema_is_best: bool           # the same for the EMA weights: saved as ema/
+    ema_metrics: Optional[dict[str, Any]]  # ema/'s metrics: the epoch's, with the EMA weights' validation
     should_stop: bool           # early stopping says stop
 
 
@@ -295,45 +296,53 @@ class Run:
             "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
             "train_samples": train.samples,
         }
-        ema_is_best = False
+        ema_is_best, ema_metrics = False, None
         if self.ema is not None:
             ema_out = evaluate(self.accelerator, self.ema.module, self.val_loader, desc="validate ema",
                                channels_last=cfg.channels_last)
-            ema_val = compute_metrics(ema_out.scores, ema_out.labels, num_classes)
-            metrics.update(ema_val_accuracy=ema_val["accuracy"], ema_val_loss=ema_out.loss)
+            ema_val = {**compute_metrics(ema_out.scores, ema_out.labels, num_classes), "loss": ema_out.loss}
+            metrics.update(ema_val_accuracy=ema_val["accuracy"], ema_val_loss=ema_val["loss"])
+            # what ema/ records: the accuracy of the weights it holds (eval.py checks it against that)
+            ema_metrics = {**metrics, "val_accuracy": ema_val["accuracy"], "val_loss": ema_val["loss"],
+                           "val_macro_f1": ema_val["macro_f1"], "val": ema_val, "weights": "ema"}
             ema_is_best = ema_val["accuracy"] > progress.best_ema_accuracy
             progress.best_ema_accuracy = max(progress.best_ema_accuracy, ema_val["accuracy"])
         is_best = val["accuracy"] > progress.best_accuracy
         progress.best_accuracy = max(progress.best_accuracy, val["accuracy"])
-        return EpochResult(epoch, train, out, val, metrics, is_best, ema_is_best,
+        return EpochResult(epoch, train, out, val, metrics, is_best, ema_is_best, ema_metrics,
                            should_stop=self.stopper.step(val["accuracy"]))
 
     def save_epoch(self, result: EpochResult) -> None:
-        """Record the finished epoch: its row in history.jsonl, last/ (what a resume continues
-        from), and best/ and ema/ when they improved."""
+        """Record the finished epoch: its row in history.jsonl and summary.csv, best/ and ema/ when
+        they improved, then last/ (what a resume continues from).
+
+        last/ comes last: it records the new best accuracies, so once it exists the epoch is never
+        trained again and best/ and ema/ must already hold its weights. A kill anywhere before it
+        leaves last/ at the previous epoch; the resumed run trains this epoch again, exactly, and
+        saves the same best/ and ema/ (and the rows, which resume trims, see trim_history)."""
         accelerator, progress = self.accelerator, self.progress
         progress.epoch, progress.batches_done = result.epoch, 0
         progress.finished = result.should_stop or result.epoch == self.cfg.epochs
         progress.last_metrics = {**result.metrics, "val": result.val}
         if accelerator.is_main_process:
             append_history(self.run_dir, {"epoch": result.epoch, **result.metrics})
-        accelerator.wait_for_everyone()
-        self.save_last()
-        if accelerator.is_main_process:
+            tracking.write_summary_row(self.run_dir / tracking.SUMMARY_FILE, {"epoch": result.epoch, **result.metrics})
             if result.is_best:
                 checkpoint.save_checkpoint(self.run_dir / "best", self.plain_model().state_dict(),
                                            self.checkpoint_meta(progress.last_metrics))
             if result.ema_is_best:
                 checkpoint.save_checkpoint(self.run_dir / "ema", self.ema.module.state_dict(),
-                                           self.checkpoint_meta(progress.last_metrics))
+                                           self.checkpoint_meta(result.ema_metrics))
+        accelerator.wait_for_everyone()
+        self.save_last()
 
     def track(self, result: EpochResult) -> None:
-        """Log the epoch to the trackers and summary.csv and print its line; keep its validation
-        outputs for the end of the run."""
+        """Log the epoch to the trackers and print its line; keep its validation outputs for the
+        end of the run."""
         self.last_result = result
         if result.is_best:
             self.best_result = result
-        tracking.log_epoch(self.accelerator, self.run_dir, result.epoch, result.metrics)
+        tracking.log_epoch(self.accelerator, result.epoch, result.metrics)
         line = _summary_line(result, self.cfg.epochs)
         if self.ema is not None:
             line += f"  ema_val_acc {result.metrics['ema_val_accuracy']:.2%}"

@@ -163,10 +163,12 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` (on the host) on `device`, without making the host wait for the device's queued
-    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. Elsewhere a
+    plain copy: on MPS a non-blocking copy of a temporary can deliver garbage (PyTorch issues
+    #139550, #189690)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _uniform(low: float, high: float, generator: Optional[torch.Generator]) -> float:

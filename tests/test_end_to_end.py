@@ -28,7 +28,8 @@ def single_run(tmp_path_factory):
     out = tmp / "outputs"
     # the real launcher, as users run it; it sets OMP_NUM_THREADS=1, which train.py must override
     proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu.yaml", "train.py",
-                   "--data", str(data), "--epochs", "2", "--output-dir", str(out), *TINY_TRAIN, cwd=tmp)
+                   "--data", str(data), "--epochs", "2", "--output-dir", str(out), *TINY_TRAIN, "--ema-decay", "0.5",
+                   cwd=tmp)
     return tmp, data, out, proc
 
 
@@ -53,6 +54,9 @@ def test_training_writes_best_and_last_with_self_contained_metadata(single_run):
     assert meta["metrics"]["val_accuracy"] == max(accuracies)
     assert meta["metrics"]["val_accuracy"] * 8 == round(meta["metrics"]["val_accuracy"] * 8)  # k of 8 images
     assert meta["environment"]["num_processes"] == 1
+    ema = json.loads((run / "ema" / "checkpoint.json").read_text())  # records the EMA weights' own accuracy
+    assert ema["metrics"]["weights"] == "ema"
+    assert ema["metrics"]["val_accuracy"] == history[ema["epoch"] - 1]["ema_val_accuracy"]
     assert meta["environment"]["torch_threads"] == len(os.sched_getaffinity(0))  # all cores
 
 
