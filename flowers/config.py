@@ -167,10 +167,12 @@ class TrainConfig:
     arch: str = arg("resnet18", "torchvision classifier to fine-tune, e.g. resnet50, mobilenet_v3_small, "
                     "efficientnet_b0, convnext_tiny, regnet_y_400mf, vit_b_16 (224 px only), swin_t; any of "
                     "torchvision.models.list_models(module=torchvision.models) whose classifier ends in a Linear",
-                    valid=Text("a torchvision classifier", outside=("", "resnet-unknown")))
+                    valid=Text("a torchvision classifier", inside=("resnet18", "vit_b_16"),
+                                                 outside=("", "resnet-unknown")))
     image_size: int = arg(224, "training/evaluation crop size in pixels", valid=span("[32, 4096]"))
     weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint",
-                       valid=Text("imagenet, none or a path", outside=("", "no-such-weights-file")))
+                       valid=Text("imagenet, none or a path", inside=("imagenet", "none"),
+                                 outside=("", "no-such-weights-file")))
     seed: int = arg(42, "seed for the split, initialisation and data order", valid=span("[0, 2**32)"))
     val_split: float = arg(0.2, "fraction of the images held out for validation (stratified)", valid=span("(0, 1)"))
     recipe: str = arg("default", "preset for the recipe options below (report: the report's Adam + step "
