@@ -84,10 +84,15 @@ def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The run's own config (so the schedule, data and recipe are the same), with the runtime
     options of this command line. Says which other given options it ignores."""
     saved = checkpoint.load_meta(run_dir / "last")["config"]
-    defaults = TrainConfig()
+    # the options this command line (and its --config) set, whatever their value (config.parse);
+    # a config built otherwise: those that differ from the defaults
+    given = getattr(cfg, "given", None)
+    if given is None:
+        defaults = to_dict(TrainConfig())
+        given = {name for name, value in to_dict(cfg).items() if value != defaults[name]}
     ignored = [name for name, value in to_dict(cfg).items()
-               if name not in RUNTIME_OPTIONS + ("resume", "output_dir", "run_name", "config")
-               and value != saved.get(name) and value != getattr(defaults, name)]
+               if name in given and name not in RUNTIME_OPTIONS + ("resume", "output_dir", "run_name", "config")
+               and value != saved.get(name)]
     if ignored:
         print(f"note: resuming uses the run's own settings; ignoring --{', --'.join(n.replace('_', '-') for n in ignored)}"
               " (to change them, start a new run with --init-from)")
