@@ -209,6 +209,11 @@ def eval_precision(cfg: EvalConfig, meta: dict) -> str:
     return _recorded_precision(meta) if trained_on_cpu == (not has_gpu()) else "no"
 
 
+def precision_name(mixed_precision: str) -> str:
+    """How a precision reads in a sentence: Accelerate's "no" is fp32."""
+    return "fp32" if mixed_precision in ("no", None, "") else mixed_precision
+
+
 def mixed_precision_tolerance(num_images: int) -> int:
     """Images whose verdict may flip between precisions: bf16/fp16 round the logits, and images the
     model scores nearly even between two classes can change sides (an image or two of 570)."""
@@ -220,9 +225,10 @@ def recorded_accuracy_verdict(recorded: float, accuracy: float, num_images: int,
     """Compare with the accuracy training recorded: to the image when neither side used mixed
     precision; within mixed_precision_tolerance() images when one did."""
     differing = round(abs(recorded - accuracy) * num_images)
-    where = f"{recorded:.2%}, trained in {recorded_precision}; evaluated in {precision}"
+    where = f"{recorded:.2%}, trained in {precision_name(recorded_precision)}; evaluated in {precision_name(precision)}"
     if differing == 0:
-        return f"matches the accuracy recorded at training time: {recorded:.2%} (evaluated in {precision})"
+        return (f"matches the accuracy recorded at training time: {recorded:.2%} "
+                f"(evaluated in {precision_name(precision)})")
     tolerance = mixed_precision_tolerance(num_images)
     if "no" != recorded_precision or "no" != precision:
         if differing <= tolerance:
