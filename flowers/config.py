@@ -217,11 +217,13 @@ class TrainConfig:
     report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
     wandb_project: Optional[str] = arg(None, "W&B project; default: $WANDB_PROJECT, else flowers", valid=NAME)
     tags: Optional[str] = arg(None, "comma-separated tags for the tracked run, e.g. baseline,lr1e-3", valid=TAGS)
-    group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)", valid=NAME)
+    group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)",
+                               valid=NAME)
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     on_nan: str = arg("stop", "a NaN/Inf training loss: stop the run (last good checkpoint kept) or skip that "
                       "batch's update (costs one host sync per step)", choices=["stop", "skip"])
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win", valid=PATH)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -279,7 +281,8 @@ class EvalConfig:
     batch_size: Optional[int] = arg(None, "default: the training batch size recorded in the checkpoint",
                                      valid=span("[1, inf)"))
     top_k: int = arg(2, "also report top-k accuracy for this k", valid=span("[1, inf)"))
-    mistakes: int = arg(16, "how many of the most confidently wrong images to show in mistakes.png", valid=span("[0, 1000]"))
+    mistakes: int = arg(16, "how many of the most confidently wrong images to show in mistakes.png",
+                        valid=span("[0, 1000]"))
     workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count", valid=span("[-1, 1024]"))
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     mixed_precision: Optional[str] = arg(
@@ -288,7 +291,8 @@ class EvalConfig:
         "CPU), else no (fp32)", choices=["no", "fp16", "bf16"])
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win", valid=PATH)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -317,7 +321,8 @@ class PredictConfig:
     batch_size: int = arg(32, "images per forward pass", valid=span("[1, inf)"))
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win", valid=PATH)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -330,7 +335,8 @@ class ExportConfig:
     format: str = arg("onnx", "onnx (needs the onnx extra: pip install 'flowers[onnx]') or torchscript",
                       choices=["onnx", "torchscript"])
     out: Optional[str] = arg(None, "folder to write to; default: <run>/export-<ckpt name>", valid=PATH)
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win", valid=PATH)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -340,12 +346,14 @@ class ExportConfig:
 class CompareConfig:
     group: Optional[str] = arg(None, "the group to report on: runs trained with --group NAME", valid=NAME)
     output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
-    out: Optional[str] = arg(None, "folder for report.md and its PNGs; default: <output-dir>/compare-<group>", valid=PATH)
+    out: Optional[str] = arg(None, "folder for report.md and its PNGs; default: <output-dir>/compare-<group>",
+                             valid=PATH)
     wandb_entity: Optional[str] = arg(None, "W&B entity of the online report; default: $WANDB_ENTITY, else your "
                                       "key's default entity", valid=NAME)
     wandb_project: Optional[str] = arg(None, "W&B project of the runs; default: the one the runs recorded, else "
                                        "$WANDB_PROJECT, else flowers", valid=NAME)
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win", valid=PATH)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
         check_values(self)

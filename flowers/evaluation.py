@@ -25,6 +25,8 @@ from flowers.datacheck import warn_about_data
 from flowers.engine import EvalOutput, evaluate
 from flowers.errors import UserError
 from flowers.imagefiles import load_rgb
+from flowers.loading import load_model
+from flowers.model import DEFAULT_ARCH, check_eval_size
 from flowers.metrics import compute_metrics
 from flowers.runtime import has_gpu, make_accelerator
 from flowers.transforms import eval_transform
@@ -120,7 +122,8 @@ def _plot_mistakes(dataset: Dataset, rows: list[dict], title: str, path: Path) -
 
 def run_eval(cfg: EvalConfig) -> dict:
     ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
-    model, meta = checkpoint.load_model(ckpt_dir)
+    check_eval_size(checkpoint.load_meta(ckpt_dir).get("arch") or DEFAULT_ARCH, cfg.eval_size)
+    model, meta = load_model(ckpt_dir)
     train_cfg = meta.get("config", {})
     accelerator = make_accelerator(int(meta["data"]["split_seed"]), mixed_precision=eval_precision(cfg, meta))
     class_names = list(meta["class_names"])

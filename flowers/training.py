@@ -25,7 +25,8 @@ from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_split
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
 from flowers.engine import EpochOptions, EpochStats, EvalOutput, evaluate, train_one_epoch
-from flowers.model import build_model, initial_state
+from flowers.loading import initial_state
+from flowers.model import build_model
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups

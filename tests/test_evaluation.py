@@ -93,7 +93,7 @@ def test_other_folder_with_different_classes_is_one_line(trained_run, tmp_path):
 
 @pytest.mark.parametrize("missing", ["checkpoint.json", "model.safetensors"])
 def test_checkpoint_missing_a_file_names_it(trained_run, tmp_path, missing):
-    from flowers.checkpoint import load_model
+    from flowers.loading import load_model
     from flowers.errors import UserError  # printed as one `error: ...` line by every command
 
     broken = tmp_path / "broken"

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, make_dataset, run_cli
-from flowers import checkpoint
+from flowers import checkpoint, loading
 from flowers.config import EvalConfig, TrainConfig, parse
 from flowers.errors import UserError
-from flowers.model import build_model, load_state_dict_file
+from flowers.loading import load_state_dict_file
+from flowers.model import build_model
 
 
 class FileCreatingPayload:
@@ -45,7 +46,7 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     (folder / "model.safetensors").write_bytes(evil.read_bytes())
     (folder / "checkpoint.json").write_text(json.dumps({"num_classes": 2, "config": {}}))
     with pytest.raises(UserError, match="not a valid safetensors file"):
-        checkpoint.load_model(folder)
+        loading.load_model(folder)
     assert not marker.exists()
 
 
