@@ -112,8 +112,8 @@ class Choice:
 
 
 SWITCH = Choice((True, False))
-NOT_EMPTY = Text("not empty")
 PATH = Text("a path (not empty)")
+CKPT = Text("best, last or a path", inside=("best", "last", "x"))
 
 
 def valid_values(f: dataclasses.Field) -> Optional[Any]:
@@ -123,6 +123,16 @@ def valid_values(f: dataclasses.Field) -> Optional[Any]:
     if "choices" in f.metadata:
         return Choice(tuple(f.metadata["choices"]))
     return SWITCH if f.type in ("bool", bool) else None
+
+
+def valid_values_table(cls: type) -> list[tuple[str, str]]:
+    """(option, its valid values) for each option of a command: the table docs/reference.md shows."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        valid = valid_values(f)
+        name = f.metadata["metavar"] if f.metadata.get("positional") else _flag(f.name)
+        rows.append((name, "true or false (`--no-...`)" if valid is SWITCH else valid.describe() if valid else "?"))
+    return rows
 
 
 def check_values(cfg: Any) -> None:
@@ -198,9 +208,9 @@ class TrainConfig:
                                            valid=span("[0, inf)"))
     resume: Optional[str] = arg(None, "continue an interrupted run exactly: the latest run under --output-dir "
                                 "(flag alone) or a run folder / its last/ checkpoint", const="latest",
-                                valid=PATH)
+                                valid=Text("a run folder or its last/ (flag alone: the latest run)"))
     init_from: Optional[str] = arg(None, "start a NEW run from these weights (best, last or a PATH) with a "
-                                   "fresh optimizer and schedule", valid=PATH)
+                                   "fresh optimizer and schedule", valid=CKPT)
     save_every_steps: int = arg(0, "also save the resumable last/ every N optimizer steps (0: every epoch only)",
                                     valid=span("[0, inf)"))
     pipeline: str = arg("auto", "data pipeline: device (photos decoded once into memory on the training device, "
@@ -271,7 +281,7 @@ def eval_size_arg() -> Any:
 
 @dataclass
 class EvalConfig:
-    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=PATH)
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=CKPT)
     output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
     data: Optional[str] = arg(
         None, "evaluate on this folder instead of the checkpoint's validation split (same classes)", valid=PATH)
@@ -314,7 +324,7 @@ class PredictConfig:
     inputs: list[str] = field(default_factory=list, metadata={
         "help": "image files and/or folders (searched recursively for images)", "positional": True,
         "metavar": "IMAGE_OR_FOLDER", "valid": IMAGES})
-    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=PATH)
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=CKPT)
     output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
     top_k: int = arg(2, "classes to show per image, most probable first", valid=span("[1, inf)"))
     output: Optional[str] = arg(None, "also write the predictions to this .csv or .json file", valid=TABLE_FILE)
@@ -330,7 +340,7 @@ class PredictConfig:
 
 @dataclass
 class ExportConfig:
-    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=PATH)
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=CKPT)
     output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
     format: str = arg("onnx", "onnx (needs the onnx extra: pip install 'flowers[onnx]') or torchscript",
                       choices=["onnx", "torchscript"])

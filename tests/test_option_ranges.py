@@ -213,3 +213,12 @@ def test_yaml_booleans_of_flags_with_an_optional_value(tmp_path):
     path.write_text("resume: false\nfreeze_backbone: false\n")
     cfg = parse(TrainConfig, ["--config", str(path)])
     assert (cfg.resume, cfg.freeze_backbone) == (None, 0)
+
+
+def test_the_reference_shows_the_table():
+    """docs/reference.md's table of valid values is the one in config.py (regenerate it from
+    flowers.config.valid_values_table when an option changes)."""
+    reference = (REPO / "docs" / "reference.md").read_text()
+    for cls in COMMANDS:
+        rows = "\n".join(f"| `{option}` | {values} |" for option, values in config.valid_values_table(cls))
+        assert "| option | valid values |\n|---|---|\n" + rows + "\n" in reference, cls.__name__

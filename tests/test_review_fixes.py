@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import io
 import json
@@ -130,30 +129,6 @@ def test_a_test_split_is_never_used_for_model_selection(tmp_path):
     repo = _hub_copy(tmp_path / "hub-copy", {"train": 5, "test": 4})
     splits = data.load_splits(str(repo), 0.2, seed=0)
     assert (splits.val_from, len(splits.train), len(splits.val)) == (None, 12, 3)  # held out of train
-
-
-# ---- 8. declared minimum versions -------------------------------------------------------------
-
-# The oldest releases that run what we call, installed and run here (tiny train, eval.py, ONNX export)
-# with torch 2.7.0, torchvision 0.22.0, accelerate 1.3.0, datasets 3.0.0:
-#   accelerate 1.1.0 added DataLoaderConfiguration(data_seed=...) (1.0.1 has no such field), 1.3.0
-#     unwrap_model(keep_torch_compile=...) (1.2.1 has not; training.py calls it);
-#   torch: 2.5 has export(dynamo=True, external_data=..., dynamic_shapes=...) but its exporter fails on
-#     ResNet18's BatchNorm with today's onnxscript (ConversionError), 2.6 raises KeyError 'images'
-#     (dynamic_shapes keyed by argument name next to input_names); 2.7.0 exports and matches PyTorch.
-NEEDED = {"accelerate": (1, 3), "torch": (2, 7), "torchvision": (0, 22), "datasets": (3, 0)}
-
-
-def test_declared_minimum_versions_have_the_apis_we_call():
-    cfg = configparser.ConfigParser()
-    cfg.read(REPO / "setup.cfg")
-    declared = {}
-    for line in cfg["options"]["install_requires"].split("\n"):
-        match = re.fullmatch(r"\s*([\w-]+)>=([\d.]+)\s*", line)
-        if match:
-            declared[match[1]] = tuple(int(part) for part in match[2].split("."))
-    for package, needed in NEEDED.items():
-        assert declared[package] >= needed, f"{package}>={declared[package]} declared, but we need {needed}"
 
 
 # ---- 10. reading a checkpoint while a trainer saves it --------------------------------------------
