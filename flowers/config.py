@@ -28,9 +28,10 @@ def arg(default: Any, help: str, **extra: Any) -> Any:
 
 # ---- valid values: the one table every option's check reads ---------------------------------------
 # Each field's `valid=` says which values the option takes: span("[1, inf)") for a number (floats must
-# also be finite), text(...) for free text (a path, a name), its argparse `choices` for a word, true/false
-# for a switch. `valid_values(field)` finds it; check_values() applies it before any other check, so a
-# refusal is one line naming the option and its range, before anything is written.
+# also be finite), a Text for free text (a path, a name), its argparse `choices` for a word, true/false
+# for a switch. `valid_values(field)` finds it; check_values() applies it first in every __post_init__,
+# so a refusal is one line naming the option and its range, before anything is written. A new option
+# without an entry fails tests/test_option_ranges.py.
 
 @dataclass(frozen=True)
 class Span:
