@@ -73,7 +73,10 @@ def find_run(resume: str, output_dir: str) -> Path:
         last = path if (path / checkpoint.META_FILE).is_file() else path / "last"
     checkpoint._recover(last)  # resuming makes this process the run's writer: it may finish a killed save
     if not (last / checkpoint.META_FILE).is_file():
-        raise UserError(f"--resume {resume}: no run with a last/ checkpoint there")
+        stopped_early = (last.parent / "config.yaml").is_file() and not any(last.parent.rglob(checkpoint.META_FILE))
+        raise UserError(f"--resume {resume}: no run with a last/ checkpoint there" + (
+            f" (its run stopped before its first save: start it again with --run-name {last.parent.name})"
+            if stopped_early else ""))
     if not (last / STATE_DIR).is_dir():
         raise UserError(f"--resume: {last} holds weights but no {STATE_DIR}/ (saved by an older version?); "
                         f"start a new run from its weights with --init-from {last}")

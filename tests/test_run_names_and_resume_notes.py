@@ -71,3 +71,13 @@ def test_resume_says_nothing_of_options_that_match_the_run_or_that_it_takes(tmp_
     run_dir = _finished_run(tmp_path, epochs=2)
     resumed_config(parse(TrainConfig, ["--resume", str(run_dir), "--epochs", "2", "--report-to", "none"]), run_dir)
     assert "ignoring" not in capsys.readouterr().out
+
+
+def test_resume_of_a_run_that_saved_nothing_says_to_start_it_again(tmp_path):
+    from flowers.resume import find_run
+
+    stale = tmp_path / "out" / "r"
+    stale.mkdir(parents=True)
+    (stale / "config.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UserError, match="stopped before its first save: start it again with --run-name r"):
+        find_run(str(stale), str(tmp_path / "out"))
