@@ -393,6 +393,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def _number_type(kind: type, valid: Any) -> Any:
+    """argparse's type for a number option: a word is refused naming the option's range."""
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {valid.describe()}, got {text!r}") from None
+    return convert
+
+
 def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -401,17 +412,20 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
         kind = _base_type(hints[f.name])
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
-        meta.pop("valid", None)
+        valid = meta.pop("valid", None)
+        bounds = f"; {valid.describe()}" if isinstance(valid, Span) else ""
+        if kind in (int, float) and isinstance(valid, Span):
+            kind = _number_type(kind, valid)
         if meta.pop("positional", False):  # e.g. predict's IMAGE_OR_FOLDER...
             parser.add_argument(f.name, nargs="+", type=kind, help=help_text, **meta)
         elif kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {f.default})")
         elif "const" in f.metadata:  # flag with an optional value, e.g. --resume [DIR]
-            parser.add_argument(_flag(f.name), nargs="?", type=kind, help=f"{help_text} (default: {f.default})",
+            parser.add_argument(_flag(f.name), nargs="?", type=kind, help=f"{help_text} (default: {f.default}{bounds})",
                                 **meta)
         else:
-            parser.add_argument(_flag(f.name), type=kind, help=f"{help_text} (default: {f.default})", **meta)
+            parser.add_argument(_flag(f.name), type=kind, help=f"{help_text} (default: {f.default}{bounds})", **meta)
     return parser
 
 

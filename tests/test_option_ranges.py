@@ -222,3 +222,11 @@ def test_the_reference_shows_the_table():
     for cls in COMMANDS:
         rows = "\n".join(f"| `{option}` | {values} |" for option, values in config.valid_values_table(cls))
         assert "| option | valid values |\n|---|---|\n" + rows + "\n" in reference, cls.__name__
+
+
+@pytest.mark.parametrize("cls, f", [pytest.param(cls, f, id=f"{cls.__name__}-{f.name}") for cls in COMMANDS
+                                    for f in dataclasses.fields(cls) if isinstance(valid_values(f), Span)])
+def test_a_word_for_a_number_names_the_option_and_its_range(cls, f):
+    with pytest.raises(UserError) as error:
+        parse(cls, _argv(cls, f, "many"))
+    _assert_one_line_naming(error.value, f, valid_values(f))

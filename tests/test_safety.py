@@ -108,7 +108,7 @@ def test_paths_in_a_checkpoint_json_never_decide_where_eval_writes(tmp_path):
     (["--gamma", "nan"], "--gamma must be in (0, 1]"),
     (["--weight-decay", "-1"], "--weight-decay must be in [0, 1]"),
     (["--on-nan", "ignore"], "invalid choice"),
-    (["--lr", "fast"], "invalid float value"),
+    (["--lr", "fast"], "argument --lr: must be a number in (0, 10], got 'fast'"),
     (["--output-dir", "{a_file}"], "exists and is not a folder"),
 ])
 def test_every_bad_train_flag_is_one_line(flags, message, tmp_path):
