@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Smoke test of one Python interpreter, as a user installs and runs the package:
-#     .ci/smoke.sh PYTHON
+#     .ci/smoke.sh PYTHON [--minimum]
+# (--minimum: with the minimum versions setup.cfg declares, whose APIs tests/test_minimum_versions.py checks)
 # a fresh venv, `pip install -e .`, a tiny real training run, then eval.py on its best checkpoint,
 # which must reproduce the accuracy recorded at training time. Photos: a few per class copied from
 # ../shared/data/flower_dataset (beside the checkout in CI), or generated when it is absent.
 # Everything is written under a temporary folder (the venv is ~6 GB), removed at the end.
 set -euo pipefail
-python=${1:?usage: .ci/smoke.sh PYTHON}
+python=${1:?usage: .ci/smoke.sh PYTHON [--minimum]}
+minimum=${2:-}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/flowers-smoke.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -16,7 +18,15 @@ start=$SECONDS
 "$python" -m venv "$work/venv"
 py="$work/venv/bin/python"
 "$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q -e "$repo"
+if [ "$minimum" = --minimum ]; then
+    # exactly the minimum versions setup.cfg declares (install_requires, >= read as ==), and pytest for
+    # tests/test_minimum_versions.py
+    sed -n '/^install_requires =/,/^\[/p' "$repo/setup.cfg" | grep -oE "^ +[A-Za-z0-9_-]+>=[0-9.]+" \
+        | sed 's/^ *//; s/>=/==/' > "$work/minimum.txt"
+    "$py" -m pip install -q -e "$repo" pytest -c "$work/minimum.txt"
+else
+    "$py" -m pip install -q -e "$repo"
+fi
 echo "smoke: installed in $((SECONDS - start)) s"
 
 export HF_HOME="$work/hf" TORCH_HOME="$work/torch" MPLCONFIGDIR="$work/mpl" WANDB_DIR="$work/wandb" \
@@ -52,3 +62,6 @@ grep -E "^(data|epoch|best)" train.log || true
 grep "matches the accuracy recorded at training time" eval.log \
     || fail eval.log "eval.py does not reproduce the accuracy recorded at training time"
 echo "smoke: $("$python" --version 2>&1): train + eval passed in $((SECONDS - start)) s"
+if [ "$minimum" = --minimum ]; then
+    FLOWERS_MINIMUM_VERSIONS=1 "$py" -m pytest -q -p no:cacheprovider "$repo/tests/test_minimum_versions.py"
+fi

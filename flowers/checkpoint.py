@@ -181,48 +181,19 @@ def load_meta(path: Path) -> dict[str, Any]:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights, keyed as the plain model's (see without_wrapper_prefixes)."""
+    """A checkpoint's weights, keyed as saved (loading.load_model takes off wrapper prefixes)."""
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"checkpoint {path} is missing {WEIGHTS_FILE}")
     try:
-        return without_wrapper_prefixes(load_file(str(weights)))
+        return load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights}: not a valid safetensors file ({_first_line(e)})") from None
-
-
-# Key prefixes that wrappers add: DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`), in
-# any order (`module._orig_mod.`). Checkpoints of --compile runs saved before this version have them.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def without_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    def plain(key: str) -> str:
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        return key
-    return {plain(key): value for key, value in state.items()}
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint folder describes (its recorded architecture: resnet18 for
-    checkpoints older than --arch) and load its weights."""
-    from flowers.model import DEFAULT_ARCH, build_model, load_model_weights
-
-    meta = load_meta(path)
-    state = load_weights(path)
-    try:
-        model = build_model(int(meta["num_classes"]), "none", dropout=float(meta["config"].get("dropout", 0.0)),
-                            arch=str(meta.get("arch") or DEFAULT_ARCH))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}/{META_FILE} lacks a valid {e}") from None
-    load_model_weights(model, state, source=str(path))
-    return model, meta
 
 
 def check_pickles_hold_only_data(folder: Path) -> None:

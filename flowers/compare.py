@@ -60,7 +60,7 @@ def find_runs(output_dir: str, group: str) -> list[Run]:
             config = yaml.safe_load(config_file.read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue  # not one of our runs
-        if isinstance(config, dict) and str(config.get("group")) == group:
+        if isinstance(config, dict) and config.get("group") is not None and str(config["group"]) == group:
             found.append((config_file.stat().st_mtime, config_file.parent, config))
     if not found:
         raise UserError(f"--group {group}: no runs of that group under {output_dir}/ "

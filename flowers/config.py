@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import typing
@@ -25,108 +26,231 @@ def arg(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# ---- valid values: the one table every option's check reads ---------------------------------------
+# Each field's `valid=` says which values the option takes: span("[1, inf)") for a number (floats must
+# also be finite), a Text for free text (a path, a name), its argparse `choices` for a word, true/false
+# for a switch. `valid_values(field)` finds it; check_values() applies it first in every __post_init__,
+# so a refusal is one line naming the option and its range, before anything is written. A new option
+# without an entry fails tests/test_option_ranges.py.
+
+@dataclass(frozen=True)
+class Span:
+    """A closed, open or half-open interval; an infinite end is unbounded."""
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if math.isinf(self.high):
+            return f"{'greater than' if self.low_open else 'at least'} {_number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+    def examples(self, kind: type) -> tuple[list, list]:
+        """(values just inside, values just outside), for tests."""
+        step = 1 if kind is int else 1e-3
+        inside, outside = [], []
+        for end, open_, sign in ((self.low, self.low_open, 1), (self.high, self.high_open, -1)):
+            if math.isinf(end):
+                continue
+            inside.append(kind(end + sign * step) if open_ else kind(end))
+            outside.append(kind(end) if open_ else kind(end - sign * step))
+        if kind is float:
+            outside += [math.inf, -math.inf, math.nan]
+        return inside, outside
+
+
+def span(interval: str) -> Span:
+    """span("[0, 1)"), span("(0, inf)"), span("[0, 2**32)"): an interval as written in maths."""
+    low, high = (part.strip() for part in interval[1:-1].split(","))
+    bound = {"inf": math.inf, "-inf": -math.inf, "2**32": 2.0**32}
+    return Span(bound.get(low) or float(low), bound.get(high) or float(high),
+                interval[0] == "(", interval[-1] == ")")
+
+
+def _number(x: float) -> str:
+    return "2**32" if x == 2**32 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Text:
+    """Free text (a path, a name, a list); `test` says whether a value is one."""
+    what: str
+    test: typing.Callable[[Any], bool] = bool
+    inside: tuple = ("x",)
+    outside: tuple = ("",)
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (str, list)) and self.test(value)
+
+    def describe(self) -> str:
+        return self.what
+
+    def examples(self, kind: type) -> tuple[list, list]:
+        return list(self.inside), list(self.outside)
+
+
+@dataclass(frozen=True)
+class Choice:
+    words: tuple
+
+    def contains(self, value: Any) -> bool:
+        return value in self.words
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.words)
+
+    def examples(self, kind: type) -> tuple[list, list]:
+        return list(self.words), ["unknown-word"]
+
+
+SWITCH = Choice((True, False))
+PATH = Text("a path (not empty)")
+CKPT = Text("best, last or a path", inside=("best", "last", "x"))
+
+
+def valid_values(f: dataclasses.Field) -> Optional[Any]:
+    """The field's entry in the table: its `valid=`, its choices, or true/false for a switch."""
+    if "valid" in f.metadata:
+        return f.metadata["valid"]
+    if "choices" in f.metadata:
+        return Choice(tuple(f.metadata["choices"]))
+    return SWITCH if f.type in ("bool", bool) else None
+
+
+def valid_values_table(cls: type) -> list[tuple[str, str]]:
+    """(option, its valid values) for each option of a command: the table docs/reference.md shows."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        valid = valid_values(f)
+        name = f.metadata["metavar"] if f.metadata.get("positional") else _flag(f.name)
+        rows.append((name, "true or false (`--no-...`)" if valid is SWITCH else valid.describe() if valid else "?"))
+    return rows
+
+
+def check_values(cfg: Any) -> None:
+    """Every option against its entry in the table (None stands for 'not given' where that is the default)."""
+    for f in dataclasses.fields(cfg):
+        value, valid = getattr(cfg, f.name), valid_values(f)
+        if valid is None or (value is None and f.default is None):
+            continue
+        if not valid.contains(value):
+            name = f.metadata["metavar"] if f.metadata.get("positional") else _flag(f.name)
+            shown = repr(value) if isinstance(value, str) else json.dumps(value) if value is None or \
+                isinstance(value, bool) else value
+            raise UserError(f"{name} must be {valid.describe()}, got {shown}")
+
+
+def _plain_name(value: Any) -> bool:
+    return isinstance(value, str) and is_plain_name(value)
+
+
+RUN_NAME = Text("a plain folder name (no '/', not starting with '.')", _plain_name,
+                outside=("", "../elsewhere", ".hidden"))
+NAME = Text("a name (not empty)", lambda v: bool(v.strip()), outside=("", "  "))
+TAGS = Text("comma-separated tags of at most 64 characters each",
+            lambda v: all(len(tag.strip()) <= 64 for tag in v.split(",")), inside=("a,b", "t" * 64),
+            outside=("t" * 65,))
+TABLE_FILE = Text("a file name ending in .csv or .json", lambda v: v.lower().endswith((".csv", ".json")),
+                  inside=("out.csv", "out.json"), outside=("", "out.txt"))
+IMAGES = Text("one or more image files or folders", lambda v: bool(v) and all(v), inside=(["x.jpg"],),
+              outside=([], [""]))
+
 @dataclass
 class TrainConfig:
     data: Optional[str] = arg(
         None, "image folder (one sub-folder per class) or Hugging Face Hub dataset id; "
-        "default: $FLOWERS_DATA, else data/flower_dataset")
-    output_dir: str = arg("outputs", "where run folders (checkpoints, config, logs) are written")
-    run_name: Optional[str] = arg(None, "name of the run folder; default: a timestamp")
-    epochs: int = arg(25, "number of training epochs")
-    lr: float = arg(2e-3, "peak learning rate")
-    batch_size: int = arg(32, "images per step per process")
-    grad_accum_steps: int = arg(1, "gradient accumulation steps per optimizer step")
+        "default: $FLOWERS_DATA, else data/flower_dataset", valid=PATH)
+    output_dir: str = arg("outputs", "where run folders (checkpoints, config, logs) are written", valid=PATH)
+    run_name: Optional[str] = arg(None, "name of the run folder; default: a timestamp", valid=RUN_NAME)
+    epochs: int = arg(25, "number of training epochs", valid=span("[1, inf)"))
+    lr: float = arg(2e-3, "peak learning rate", valid=span("(0, 10]"))
+    batch_size: int = arg(32, "images per step per process", valid=span("[1, inf)"))
+    grad_accum_steps: int = arg(1, "gradient accumulation steps per optimizer step", valid=span("[1, inf)"))
     arch: str = arg("resnet18", "torchvision classifier to fine-tune, e.g. resnet50, mobilenet_v3_small, "
                     "efficientnet_b0, convnext_tiny, regnet_y_400mf, vit_b_16 (224 px only), swin_t; any of "
-                    "torchvision.models.list_models(module=torchvision.models) whose classifier ends in a Linear")
-    image_size: int = arg(224, "training/evaluation crop size in pixels")
-    weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint")
-    seed: int = arg(42, "seed for the split, initialisation and data order")
-    val_split: float = arg(0.2, "fraction of the images held out for validation (stratified)")
+                    "torchvision.models.list_models(module=torchvision.models) whose classifier ends in a Linear",
+                    valid=Text("a torchvision classifier", inside=("resnet18", "vit_b_16"),
+                                                 outside=("", "resnet-unknown")))
+    image_size: int = arg(224, "training/evaluation crop size in pixels", valid=span("[32, 4096]"))
+    weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint",
+                       valid=Text("imagenet, none or a path", inside=("imagenet", "none"),
+                                 outside=("", "no-such-weights-file")))
+    seed: int = arg(42, "seed for the split, initialisation and data order", valid=span("[0, 2**32)"))
+    val_split: float = arg(0.2, "fraction of the images held out for validation (stratified)", valid=span("(0, 1)"))
     recipe: str = arg("default", "preset for the recipe options below (report: the report's Adam + step "
                       "schedule, no regularisation); options given explicitly win", choices=["default", "report"])
     optimizer: str = arg("adamw", "optimizer", choices=["adam", "adamw", "sgd"])
-    weight_decay: float = arg(0.05, "weight decay (decoupled for adamw)")
-    momentum: float = arg(0.9, "momentum (sgd only)")
+    weight_decay: float = arg(0.05, "weight decay (decoupled for adamw)", valid=span("[0, 1]"))
+    momentum: float = arg(0.9, "momentum (sgd only; must be above 0 there)", valid=span("[0, 1)"))
     scheduler: str = arg("cosine", "learning-rate schedule, stepped every optimizer step",
                          choices=["step", "cosine", "onecycle", "none"])
-    warmup_epochs: float = arg(2.0, "epochs of linear learning-rate warmup (onecycle: 0 means 30%% of the run)")
-    step_size: int = arg(7, "step schedule: epochs between learning-rate drops")
-    gamma: float = arg(0.1, "step schedule: factor applied at each drop")
-    label_smoothing: float = arg(0.1, "label smoothing of the training loss")
-    dropout: float = arg(0.0, "dropout probability before the classification head")
+    warmup_epochs: float = arg(2.0, "epochs of linear learning-rate warmup (onecycle: 0 means 30%% of the run)",
+                               valid=span("[0, 100000]"))
+    step_size: int = arg(7, "step schedule: epochs between learning-rate drops", valid=span("[1, inf)"))
+    gamma: float = arg(0.1, "step schedule: factor applied at each drop", valid=span("(0, 1]"))
+    label_smoothing: float = arg(0.1, "label smoothing of the training loss", valid=span("[0, 1)"))
+    dropout: float = arg(0.0, "dropout probability before the classification head", valid=span("[0, 1)"))
     freeze_backbone: int = arg(0, "train only the head for the first N epochs (flag alone: all epochs; 0: off)",
-                               const=-1)
-    mixup: float = arg(0.0, "MixUp alpha (0: off); with --cutmix, one of the two per batch")
-    cutmix: float = arg(0.0, "CutMix alpha (0: off)")
+                               const=-1, valid=span("[-1, inf)"))
+    mixup: float = arg(0.0, "MixUp alpha (0: off); with --cutmix, one of the two per batch", valid=span("[0, 100]"))
+    cutmix: float = arg(0.0, "CutMix alpha (0: off)", valid=span("[0, 100]"))
     ema_decay: float = arg(0.0, "keep an exponential moving average of the weights with this decay per "
-                           "optimizer step (e.g. 0.999; 0: off); evaluated and saved as ema/")
-    early_stopping_patience: int = arg(0, "stop after N epochs without a better val accuracy (0: off)")
+                           "optimizer step (e.g. 0.999; 0: off); evaluated and saved as ema/", valid=span("[0, 1)"))
+    early_stopping_patience: int = arg(0, "stop after N epochs without a better val accuracy (0: off)",
+                                           valid=span("[0, inf)"))
     resume: Optional[str] = arg(None, "continue an interrupted run exactly: the latest run under --output-dir "
-                                "(flag alone) or a run folder / its last/ checkpoint", const="latest")
+                                "(flag alone) or a run folder / its last/ checkpoint", const="latest",
+                                valid=Text("a run folder or its last/ (flag alone: the latest run)"))
     init_from: Optional[str] = arg(None, "start a NEW run from these weights (best, last or a PATH) with a "
-                                   "fresh optimizer and schedule")
-    save_every_steps: int = arg(0, "also save the resumable last/ every N optimizer steps (0: every epoch only)")
+                                   "fresh optimizer and schedule", valid=CKPT)
+    save_every_steps: int = arg(0, "also save the resumable last/ every N optimizer steps (0: every epoch only)",
+                                    valid=span("[0, inf)"))
     pipeline: str = arg("auto", "data pipeline: device (photos decoded once into memory on the training device, "
                         "batches augmented there, no workers), workers (DataLoader workers decode and augment "
                         "each photo with PIL), auto (device on a GPU, workers on a CPU)",
                         choices=["auto", "device", "workers"])
-    workers: int = arg(-1, "DataLoader worker processes per process (--pipeline workers); -1 picks from the core count")
+    workers: int = arg(-1, "DataLoader worker processes per process (--pipeline workers); -1 picks from the core count",
+                       valid=span("[-1, 1024]"))
     channels_last: bool = arg(True, "use the channels_last memory format (faster on CPU and GPU)")
     cache_resized: bool = arg(False, "decode each photo once and store it uncompressed at a short side slightly above "
                                      "--image-size (cached by `datasets`), so epochs skip "
                                      "JPEG decoding and resizing")
     compile: bool = arg(False, "torch.compile the model (compiling takes a while at the start; for GPUs)")
     report_to: str = arg("wandb", "experiment tracker", choices=["wandb", "tensorboard", "all", "none"])
-    wandb_project: Optional[str] = arg(None, "W&B project; default: $WANDB_PROJECT, else flowers")
-    tags: Optional[str] = arg(None, "comma-separated tags for the tracked run, e.g. baseline,lr1e-3")
-    group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)")
+    wandb_project: Optional[str] = arg(None, "W&B project; default: $WANDB_PROJECT, else flowers", valid=NAME)
+    tags: Optional[str] = arg(None, "comma-separated tags for the tracked run, e.g. baseline,lr1e-3", valid=TAGS)
+    group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)",
+                               valid=NAME)
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     on_nan: str = arg("stop", "a NaN/Inf training loss: stop the run (last good checkpoint kept) or skip that "
                       "batch's update (costs one host sync per step)", choices=["stop", "skip"])
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
-        check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
-        check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        check(self.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {self.grad_accum_steps}")
-        check(self.image_size >= 32, f"--image-size must be at least 32, got {self.image_size}")
+        check_values(self)
         from flowers.model import check_arch  # not at the top: torchvision, for train configs only
         check_arch(self.arch, self.image_size)
-        check(0 < self.val_split < 1, f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
-        check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        check(self.step_size >= 1, f"--step-size must be at least 1, got {self.step_size}")
-        check(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
-        check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
-        check(bool(self.weights), "--weights must be imagenet, none or a path")
-        check(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe}")
-        check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         check(self.scheduler != "onecycle" or self.warmup_epochs < self.epochs,
               "--warmup-epochs must be shorter than --epochs for the onecycle schedule")
-        check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
-        check(self.freeze_backbone >= -1, f"--freeze-backbone must be a number of epochs, got {self.freeze_backbone}")
-        check(self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix are alphas >= 0")
-        check(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        check(self.early_stopping_patience >= 0, "--early-stopping-patience must be >= 0")
-        check(self.save_every_steps >= 0, "--save-every-steps must be >= 0")
         check(not (self.resume and self.init_from),
               "--resume continues a run; --init-from starts a new one: give only one of them")
         # a resumed run restores its weights from last/ and never reads --weights (moved since: fine)
         check(self.resume is not None or self.weights in ("imagenet", "none")
               or Path(self.weights).expanduser().exists(),
               f"--weights {self.weights}: not imagenet or none, and no such file or folder")
-        check(self.optimizer != "sgd" or 0 < self.momentum < 1,
+        check(self.optimizer != "sgd" or self.momentum > 0,
               f"--momentum must be in (0, 1) for sgd (Nesterov momentum), got {self.momentum}")
-        check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}")
-        check(self.wandb_project is None or bool(self.wandb_project.strip()), "--wandb-project must not be empty")
         check_output_dir(self.output_dir)
-        check(self.run_name is None or is_plain_name(self.run_name),
-              f"--run-name must be a plain folder name (no '/', not starting with '.'), got {self.run_name!r}")
-        for tag in (self.tags or "").split(","):
-            check(len(tag.strip()) <= 64, f"--tags: each tag must be at most 64 characters, got {tag.strip()!r}")
-
 
 # `--recipe report`: the reference report's recipe (ResNet18, Adam, lr 1e-3, StepLR every 7 epochs
 # x0.1, batch 32, its augmentations, no other regularisation). Values given explicitly win.
@@ -153,22 +277,24 @@ def tta_arg() -> Any:
 def eval_size_arg() -> Any:
     """eval.py's and predict's --eval-size."""
     return arg(None, "centre crop in pixels (the resize before it keeps the 256/224 ratio); default: the "
-               "checkpoint's image size")
+               "checkpoint's image size", valid=span("[32, 4096]"))
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
-    output_dir: str = arg("outputs", "where training wrote its run folders")
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=CKPT)
+    output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
     data: Optional[str] = arg(
-        None, "evaluate on this folder instead of the checkpoint's validation split (same classes)")
+        None, "evaluate on this folder instead of the checkpoint's validation split (same classes)", valid=PATH)
     split: Optional[str] = arg(
         None, "which images: val or train (the checkpoint's split, or the same split of --data) or all; "
         "default: val, or all with --data", choices=["val", "train", "all"])
-    batch_size: Optional[int] = arg(None, "default: the training batch size recorded in the checkpoint")
-    top_k: int = arg(2, "also report top-k accuracy for this k")
-    mistakes: int = arg(16, "how many of the most confidently wrong images to show in mistakes.png")
-    workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count")
+    batch_size: Optional[int] = arg(None, "default: the training batch size recorded in the checkpoint",
+                                     valid=span("[1, inf)"))
+    top_k: int = arg(2, "also report top-k accuracy for this k", valid=span("[1, inf)"))
+    mistakes: int = arg(16, "how many of the most confidently wrong images to show in mistakes.png",
+                        valid=span("[0, 1000]"))
+    workers: int = arg(-1, "DataLoader worker processes; -1 picks from the core count", valid=span("[-1, 1024]"))
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
     mixed_precision: Optional[str] = arg(
         None, "precision of the forward pass; default: the one `accelerate launch --mixed_precision` sets, else "
@@ -176,26 +302,12 @@ class EvalConfig:
         "CPU), else no (fp32)", choices=["no", "fp16", "bf16"])
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
-        check(self.mixed_precision in (None, "no", "fp16", "bf16"),
-              f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
-        check(self.batch_size is None or self.batch_size >= 1,
-              f"--batch-size must be at least 1, got {self.batch_size}")
-        check(self.split in (None, "val", "train", "all"), f"split must be val, train or all, got {self.split}")
-        check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
-        check(self.mistakes >= 0, f"--mistakes must be >= 0, got {self.mistakes}")
-        check(self.workers >= -1, f"--workers must be -1 (auto) or >= 0, got {self.workers}")
-        check(bool(self.ckpt), "--ckpt must be best, last or a path")
+        check_values(self)
         check_output_dir(self.output_dir)
-        check_tta(self.tta, self.eval_size)
-
-
-def check_tta(tta: str, eval_size: Optional[int]) -> None:
-    """--tta and --eval-size, shared by eval.py and predict."""
-    check(tta in TTA_CHOICES, f"--tta must be one of {', '.join(TTA_CHOICES)}, got {tta}")
-    check(eval_size is None or eval_size >= 32, f"--eval-size must be at least 32, got {eval_size}")
 
 
 def is_plain_name(name: str) -> bool:
@@ -204,7 +316,6 @@ def is_plain_name(name: str) -> bool:
 
 
 def check_output_dir(path: str) -> None:
-    check(bool(path), "--output-dir must not be empty")
     check(not Path(path).expanduser().exists() or Path(path).expanduser().is_dir(),
           f"--output-dir {path} exists and is not a folder")
 
@@ -213,54 +324,54 @@ def check_output_dir(path: str) -> None:
 class PredictConfig:
     inputs: list[str] = field(default_factory=list, metadata={
         "help": "image files and/or folders (searched recursively for images)", "positional": True,
-        "metavar": "IMAGE_OR_FOLDER"})
-    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
-    output_dir: str = arg("outputs", "where training wrote its run folders")
-    top_k: int = arg(2, "classes to show per image, most probable first")
-    output: Optional[str] = arg(None, "also write the predictions to this .csv or .json file")
-    batch_size: int = arg(32, "images per forward pass")
+        "metavar": "IMAGE_OR_FOLDER", "valid": IMAGES})
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=CKPT)
+    output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
+    top_k: int = arg(2, "classes to show per image, most probable first", valid=span("[1, inf)"))
+    output: Optional[str] = arg(None, "also write the predictions to this .csv or .json file", valid=TABLE_FILE)
+    batch_size: int = arg(32, "images per forward pass", valid=span("[1, inf)"))
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
-        check(bool(self.inputs), "give at least one image file or folder")
-        check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
-        check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        check(self.output is None or self.output.lower().endswith((".csv", ".json")),
-              f"--output {self.output}: the file name must end in .csv or .json")
-        check_tta(self.tta, self.eval_size)
+        check_values(self)
 
 
 @dataclass
 class ExportConfig:
-    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH")
-    output_dir: str = arg("outputs", "where training wrote its run folders")
+    ckpt: str = arg("best", "checkpoint: best or last (latest run under --output-dir) or a PATH", valid=CKPT)
+    output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
     format: str = arg("onnx", "onnx (needs the onnx extra: pip install 'flowers[onnx]') or torchscript",
                       choices=["onnx", "torchscript"])
-    out: Optional[str] = arg(None, "folder to write to; default: <run>/export-<ckpt name>")
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+    out: Optional[str] = arg(None, "folder to write to; default: <run>/export-<ckpt name>", valid=PATH)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
-        check(self.format in ("onnx", "torchscript"), f"format must be onnx or torchscript, got {self.format}")
-
+        check_values(self)
 
 
 @dataclass
 class CompareConfig:
-    group: Optional[str] = arg(None, "the group to report on: runs trained with --group NAME")
-    output_dir: str = arg("outputs", "where training wrote its run folders")
-    out: Optional[str] = arg(None, "folder for report.md and its PNGs; default: <output-dir>/compare-<group>")
+    group: Optional[str] = arg(None, "the group to report on: runs trained with --group NAME", valid=NAME)
+    output_dir: str = arg("outputs", "where training wrote its run folders", valid=PATH)
+    out: Optional[str] = arg(None, "folder for report.md and its PNGs; default: <output-dir>/compare-<group>",
+                             valid=PATH)
     wandb_entity: Optional[str] = arg(None, "W&B entity of the online report; default: $WANDB_ENTITY, else your "
-                                      "key's default entity")
+                                      "key's default entity", valid=NAME)
     wandb_project: Optional[str] = arg(None, "W&B project of the runs; default: the one the runs recorded, else "
-                                       "$WANDB_PROJECT, else flowers")
-    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
+                                       "$WANDB_PROJECT, else flowers", valid=NAME)
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
 
     def __post_init__(self) -> None:
-        check(bool(self.group and self.group.strip()),
+        check_values(self)
+        check(self.group is not None,
               "give --group NAME: the group the runs were trained with (train.py --group NAME)")
         check_output_dir(self.output_dir)
+
 
 def check(condition: bool, message: str) -> None:
     if not condition:
@@ -282,6 +393,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def _number_type(kind: type, valid: Any) -> Any:
+    """argparse's type for a number option: a word is refused naming the option's range."""
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {valid.describe()}, got {text!r}") from None
+    return convert
+
+
 def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -290,16 +412,20 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
         kind = _base_type(hints[f.name])
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
+        valid = meta.pop("valid", None)
+        bounds = f"; {valid.describe()}" if isinstance(valid, Span) else ""
+        if kind in (int, float) and isinstance(valid, Span):
+            kind = _number_type(kind, valid)
         if meta.pop("positional", False):  # e.g. predict's IMAGE_OR_FOLDER...
             parser.add_argument(f.name, nargs="+", type=kind, help=help_text, **meta)
         elif kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {f.default})")
         elif "const" in f.metadata:  # flag with an optional value, e.g. --resume [DIR]
-            parser.add_argument(_flag(f.name), nargs="?", type=kind, help=f"{help_text} (default: {f.default})",
+            parser.add_argument(_flag(f.name), nargs="?", type=kind, help=f"{help_text} (default: {f.default}{bounds})",
                                 **meta)
         else:
-            parser.add_argument(_flag(f.name), type=kind, help=f"{help_text} (default: {f.default})", **meta)
+            parser.add_argument(_flag(f.name), type=kind, help=f"{help_text} (default: {f.default}{bounds})", **meta)
     return parser
 
 
@@ -325,22 +451,37 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     if cls is TrainConfig:
         values = {**RECIPES.get(values.get("recipe") or "default", {}), **values}
     hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     converted = {}
     for key, value in values.items():
         kind = _base_type(hints[key])
+        if isinstance(value, bool) and kind is not bool:
+            # a YAML true/false for a flag with an optional value means what the bare flag and its
+            # absence mean (freeze_backbone: true -> -1, resume: true -> latest); elsewhere the range
+            # check refuses it
+            if "const" in fields[key].metadata:
+                value = fields[key].metadata["const"] if value else fields[key].default
+            converted[key] = value
+            continue
         if typing.get_origin(hints[key]) is list:  # a list of strings, e.g. predict's inputs
             value = [str(v) for v in (value if isinstance(value, list) else [value])]
         elif value is not None and kind in (int, float, str) and not isinstance(value, bool):
             if kind is int and isinstance(value, float) and not value.is_integer():
-                raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
+                raise UserError(f"{source}: {key} must be a whole number{_in_range(fields[key])}, got {value!r}")
             try:
                 value = kind(value)
             except (TypeError, ValueError):
-                raise UserError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+                raise UserError(f"{source}: {key} must be {kind.__name__}{_in_range(fields[key])}, "
+                                f"got {value!r}") from None
         elif kind is bool and value is not None and not isinstance(value, bool):
             raise UserError(f"{source}: {key} must be true or false, got {value!r}")
         converted[key] = value
     return cls(**converted)
+
+
+def _in_range(f: dataclasses.Field) -> str:
+    valid = valid_values(f)
+    return f" {valid.describe()}" if isinstance(valid, Span) else ""
 
 
 def parse(cls: type, argv: Optional[list[str]] = None, description: str = "") -> Any:
@@ -351,7 +492,9 @@ def parse(cls: type, argv: Optional[list[str]] = None, description: str = "") ->
         values.update(load_yaml(given["config"]))
         values.pop("config", None)
     values.update(given)
-    return from_dict(cls, values, source=f"--config {given['config']}" if given.get("config") else "arguments")
+    cfg = from_dict(cls, values, source=f"--config {given['config']}" if given.get("config") else "arguments")
+    cfg.given = frozenset(values) - {"config"}  # the options this command line (or its --config) set
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from flowers.datacheck import warn_about_data
 from flowers.engine import EvalOutput, evaluate
 from flowers.errors import UserError
 from flowers.imagefiles import load_rgb
+from flowers.loading import load_model
+from flowers.model import DEFAULT_ARCH, check_eval_size
 from flowers.metrics import compute_metrics
 from flowers.runtime import has_gpu, make_accelerator
 from flowers.transforms import eval_transform
@@ -120,7 +122,8 @@ def _plot_mistakes(dataset: Dataset, rows: list[dict], title: str, path: Path) -
 
 def run_eval(cfg: EvalConfig) -> dict:
     ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
-    model, meta = checkpoint.load_model(ckpt_dir)
+    check_eval_size(checkpoint.load_meta(ckpt_dir).get("arch") or DEFAULT_ARCH, cfg.eval_size)
+    model, meta = load_model(ckpt_dir)
     train_cfg = meta.get("config", {})
     accelerator = make_accelerator(int(meta["data"]["split_seed"]), mixed_precision=eval_precision(cfg, meta))
     class_names = list(meta["class_names"])
@@ -209,6 +212,11 @@ def eval_precision(cfg: EvalConfig, meta: dict) -> str:
     return _recorded_precision(meta) if trained_on_cpu == (not has_gpu()) else "no"
 
 
+def precision_name(mixed_precision: str) -> str:
+    """How a precision reads in a sentence: Accelerate's "no" is fp32."""
+    return "fp32" if mixed_precision in ("no", None, "") else mixed_precision
+
+
 def mixed_precision_tolerance(num_images: int) -> int:
     """Images whose verdict may flip between precisions: bf16/fp16 round the logits, and images the
     model scores nearly even between two classes can change sides (an image or two of 570)."""
@@ -220,9 +228,10 @@ def recorded_accuracy_verdict(recorded: float, accuracy: float, num_images: int,
     """Compare with the accuracy training recorded: to the image when neither side used mixed
     precision; within mixed_precision_tolerance() images when one did."""
     differing = round(abs(recorded - accuracy) * num_images)
-    where = f"{recorded:.2%}, trained in {recorded_precision}; evaluated in {precision}"
+    where = f"{recorded:.2%}, trained in {precision_name(recorded_precision)}; evaluated in {precision_name(precision)}"
     if differing == 0:
-        return f"matches the accuracy recorded at training time: {recorded:.2%} (evaluated in {precision})"
+        return (f"matches the accuracy recorded at training time: {recorded:.2%} "
+                f"(evaluated in {precision_name(precision)})")
     tolerance = mixed_precision_tolerance(num_images)
     if "no" != recorded_precision or "no" != precision:
         if differing <= tolerance:

@@ -20,6 +20,7 @@ import torch
 from flowers import checkpoint
 from flowers.cli import run
 from flowers.config import ExportConfig, parse
+from flowers.loading import load_model
 from flowers.errors import UserError
 
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -66,7 +67,7 @@ def load_exported(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def export(cfg: ExportConfig) -> Path:
     ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
-    model, meta = checkpoint.load_model(ckpt_dir)
+    model, meta = load_model(ckpt_dir)
     model.eval()
     size = int(meta["image_size"])
     out_dir = Path(cfg.out) if cfg.out else ckpt_dir.parent / f"export-{ckpt_dir.name}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-import pickle
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -21,32 +20,44 @@ import torchvision.models
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
-from flowers.checkpoint import WRAPPER_PREFIXES, without_wrapper_prefixes
 from flowers.errors import UserError
 
 DEFAULT_ARCH = "resnet18"
 
 
-def initial_state(weights: str, arch: str = DEFAULT_ARCH) -> Optional[dict[str, torch.Tensor]]:
-    """The state dict `--weights` names: imagenet (that of `arch`), none (-> None), or a path. Fails
-    fast, in one line."""
+def imagenet_or_none(weights: str, arch: str = DEFAULT_ARCH) -> Optional[dict[str, torch.Tensor]]:
+    """`--weights imagenet` (the state dict of `arch`) or none (-> None); files are loading's."""
     if weights == "none":
         return None
     if weights == "imagenet":
         return _imagenet_state_dict(arch)
-    return load_state_dict_file(weights)
+    raise ValueError(f"weights {weights!r}: read a file with flowers.loading.initial_state")
+
+
+# Key prefixes that wrappers add: DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`), in
+# any order (`module._orig_mod.`).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def without_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def plain(key: str) -> str:
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+    return {plain(key): value for key, value in state.items()}
 
 
 def build_model(num_classes: int, weights: Union[str, dict, None] = None, dropout: float = 0.0,
                 arch: str = DEFAULT_ARCH) -> nn.Module:
     """The `arch` classifier with a `num_classes` head (behind a Dropout when `dropout` > 0).
 
-    `weights`: a `--weights` value (imagenet, none, a path) or a state dict from initial_state().
+    `weights`: imagenet, none, or a state dict (loading.initial_state reads a `--weights` PATH).
     The backbone always loads; a saved head loads only when it has our shape (our checkpoints).
     The model's `arch` attribute names its architecture (for messages and checks).
     """
     check_arch(arch)
-    state = initial_state(weights, arch) if isinstance(weights, str) else weights
+    state = imagenet_or_none(weights, arch) if isinstance(weights, str) else weights
+    state = without_wrapper_prefixes(state) if state is not None else None
     model = get_model(arch, weights=None)
     model.arch = arch
     if state is not None:
@@ -106,6 +117,22 @@ def skeleton(arch: str) -> nn.Module:
         raise UserError(f"--arch {arch} is not supported: its classifier is not an nn.Linear (e.g. SqueezeNet's "
                         "convolutional head), so there is no head to replace")
     return model.eval()
+
+
+def check_eval_size(arch: str, eval_size: Optional[int]) -> None:
+    """eval.py's and predict's --eval-size on a checkpoint of `arch`: one line when the model cannot
+    take images of that size (ViT: its position embeddings are one per patch of its own size)."""
+    if eval_size is None:
+        return
+    fixed = getattr(skeleton(arch), "image_size", None)  # VisionTransformer's only input size
+    if isinstance(fixed, int) and eval_size != fixed:
+        raise UserError(f"--eval-size {eval_size}: this checkpoint's {arch} takes {fixed} px images only "
+                        "(torchvision's VisionTransformer has a position embedding per patch of that size); "
+                        "leave --eval-size out")
+    try:
+        _check_image_size(arch, eval_size)
+    except UserError as e:
+        raise UserError(f"--eval-size {eval_size} does not fit this checkpoint's {arch} ({e})") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,39 +219,9 @@ def _imagenet_state_dict(arch: str) -> dict:
         ) from None
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, a checkpoint folder, or a .pth (never unpickling code)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise UserError(f"--weights {path}: no such file (expected imagenet, none, or a path)")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            state = load_file(str(p))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{p}: not a valid safetensors file ({e})") from None
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)  # never runs code from the file
-        except pickle.UnpicklingError:
-            raise UserError(f"{p}: refused: this pickle holds more than tensors (objects or code that would run "
-                            "on loading); only plain weights are loaded (torch.load weights_only=True). Use a "
-                            ".safetensors file or a checkpoint folder") from None
-        except Exception as e:
-            raise UserError(f"{p}: not a loadable weights file ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise UserError(f"{p}: does not hold a state dict")
-    return without_wrapper_prefixes(state)  # DDP's module., torch.compile's _orig_mod., in any combination
-
-
 def match_head_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """A head saved with or without dropout (e.g. fc.1.* vs fc.*) fits a model built the other way."""
+    state = without_wrapper_prefixes(state)
     head = head_name(model)
     prefix = head + (".1." if isinstance(model.get_submodule(head), DropoutHead) else ".")
     renamed = {}

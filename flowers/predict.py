@@ -23,6 +23,8 @@ from flowers import checkpoint, imagefiles
 from flowers.cli import run
 from flowers.config import PredictConfig, parse
 from flowers.engine import predict_logits
+from flowers.loading import load_model
+from flowers.model import DEFAULT_ARCH, check_eval_size
 from flowers.transforms import eval_transform
 
 @dataclass
@@ -64,7 +66,8 @@ def _batches(items: list, size: int) -> Iterator[list]:
 @torch.inference_mode()
 def predict(cfg: PredictConfig) -> list[Prediction]:
     ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
-    model, meta = checkpoint.load_model(ckpt_dir)
+    check_eval_size(checkpoint.load_meta(ckpt_dir).get("arch") or DEFAULT_ARCH, cfg.eval_size)
+    model, meta = load_model(ckpt_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     class_names = meta["class_names"]

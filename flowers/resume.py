@@ -73,7 +73,10 @@ def find_run(resume: str, output_dir: str) -> Path:
         last = path if (path / checkpoint.META_FILE).is_file() else path / "last"
     checkpoint._recover(last)  # resuming makes this process the run's writer: it may finish a killed save
     if not (last / checkpoint.META_FILE).is_file():
-        raise UserError(f"--resume {resume}: no run with a last/ checkpoint there")
+        stopped_early = (last.parent / "config.yaml").is_file() and not any(last.parent.rglob(checkpoint.META_FILE))
+        raise UserError(f"--resume {resume}: no run with a last/ checkpoint there" + (
+            f" (its run stopped before its first save: start it again with --run-name {last.parent.name})"
+            if stopped_early else ""))
     if not (last / STATE_DIR).is_dir():
         raise UserError(f"--resume: {last} holds weights but no {STATE_DIR}/ (saved by an older version?); "
                         f"start a new run from its weights with --init-from {last}")
@@ -84,10 +87,15 @@ def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The run's own config (so the schedule, data and recipe are the same), with the runtime
     options of this command line. Says which other given options it ignores."""
     saved = checkpoint.load_meta(run_dir / "last")["config"]
-    defaults = TrainConfig()
+    # the options this command line (and its --config) set, whatever their value (config.parse);
+    # a config built otherwise: those that differ from the defaults
+    given = getattr(cfg, "given", None)
+    if given is None:
+        defaults = to_dict(TrainConfig())
+        given = {name for name, value in to_dict(cfg).items() if value != defaults[name]}
     ignored = [name for name, value in to_dict(cfg).items()
-               if name not in RUNTIME_OPTIONS + ("resume", "output_dir", "run_name", "config")
-               and value != saved.get(name) and value != getattr(defaults, name)]
+               if name in given and name not in RUNTIME_OPTIONS + ("resume", "output_dir", "run_name", "config")
+               and value != saved.get(name)]
     if ignored:
         print(f"note: resuming uses the run's own settings; ignoring --{', --'.join(n.replace('_', '-') for n in ignored)}"
               " (to change them, start a new run with --init-from)")

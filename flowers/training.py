@@ -6,6 +6,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import math
+import os
+import shutil
 import signal
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -23,12 +25,13 @@ from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_split
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
 from flowers.engine import EpochOptions, EpochStats, EvalOutput, evaluate, train_one_epoch
-from flowers.model import build_model, initial_state
+from flowers.loading import initial_state
+from flowers.model import build_model
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
-from flowers.resume import (Progress, StopOnSignal, append_history, epoch_loader, find_run, load_init_weights,
-                            load_last, resolve_init, resumed_config, trim_history)
+from flowers.resume import (HISTORY_FILE, Progress, StopOnSignal, append_history, epoch_loader, find_run,
+                            load_init_weights, load_last, resolve_init, resumed_config, trim_history)
 from flowers.resume import save_last as save_last_state
 from flowers.runtime import environment, make_accelerator
 from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size
@@ -49,9 +52,13 @@ def _create_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> Path:
             name = base if attempt == 1 else f"{base}-{attempt}"
             try:
                 (output_dir / name).mkdir()
+                _HELD_RUN_DIRS.append(hold_run_dir(output_dir / name))
                 result[0] = name
                 break
             except FileExistsError:
+                if cfg.run_name and reclaim_unsaved_run_dir(output_dir / name):
+                    result[0] = name
+                    break
                 if cfg.run_name:
                     result[0] = UserError(f"--run-name {cfg.run_name}: {output_dir / name} already exists; continue "
                                           f"that run with --resume {output_dir / name}, or choose another name")
@@ -60,6 +67,43 @@ def _create_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> Path:
     if isinstance(result[0], Exception):
         raise result[0]
     return Path(cfg.output_dir) / result[0]
+
+
+# The run folders this process trains into, each locked (flock) while the process lives: a folder
+# that no process holds and that holds no checkpoint is what a run left that stopped before its
+# first save, and may be taken again by its name.
+_HELD_RUN_DIRS: list = []
+
+
+def hold_run_dir(folder: Path) -> Optional[int]:
+    """Lock `folder` for this process's lifetime; its descriptor, or None when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nothing to hold
+        return -1
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def reclaim_unsaved_run_dir(folder: Path) -> bool:
+    """Take back a run folder that holds no checkpoint and no finished epoch (its run stopped before
+    its first save: a config.yaml and tracker files only) when no live process holds it: its files
+    are removed and the new run starts there, with a note. False for anything else."""
+    if not folder.is_dir() or any(folder.rglob(checkpoint.META_FILE)) or (folder / HISTORY_FILE).exists():
+        return False
+    fd = hold_run_dir(folder)
+    if fd is None:  # a run is training there and has not saved yet
+        return False
+    _HELD_RUN_DIRS.append(fd)
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    print(f"note: {folder} held no checkpoint (its run stopped before its first save); starting afresh there")
+    return True
 
 
 @dataclass

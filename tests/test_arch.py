@@ -13,7 +13,7 @@ import torchvision.models
 from torch import nn
 
 from conftest import TINY_TRAIN, free_port, make_dataset, run_cli
-from flowers import checkpoint
+from flowers import checkpoint, loading
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.export import load_exported
@@ -182,7 +182,7 @@ def test_an_old_resnet18_checkpoint_loads_unchanged(tmp_path, recorded, dropout)
     assert {k for k in old.state_dict() if "fc" in k} == ({"fc.1.weight", "fc.1.bias"} if dropout
                                                            else {"fc.weight", "fc.bias"})
     folder = _save(tmp_path / "best", old, recorded, dropout)
-    loaded, _ = checkpoint.load_model(folder)
+    loaded, _ = loading.load_model(folder)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), old.eval()(x))
@@ -190,7 +190,7 @@ def test_an_old_resnet18_checkpoint_loads_unchanged(tmp_path, recorded, dropout)
 
 def test_a_checkpoint_rebuilds_its_recorded_arch(tmp_path):
     model = build_model(3, "none", dropout=0.2, arch="mobilenet_v3_small").eval()
-    loaded, meta = checkpoint.load_model(_save(tmp_path / "best", model, "mobilenet_v3_small", dropout=0.2))
+    loaded, meta = loading.load_model(_save(tmp_path / "best", model, "mobilenet_v3_small", dropout=0.2))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert type(loaded).__name__ == "MobileNetV3" and torch.equal(loaded.eval()(x), model(x))
@@ -245,7 +245,7 @@ def test_train_eval_predict_export_and_init_from_with_other_architectures(tmp_pa
     exported = tmp_path / "exported"
     run_cli("python", "-m", "flowers.export", "--ckpt", str(best), "--format", "torchscript", "--out", str(exported),
             timeout=1200)
-    model, _ = checkpoint.load_model(best)
+    model, _ = loading.load_model(best)
     images = torch.rand(4, 3, 32, 32)
     with torch.inference_mode():
         expected = model.eval()(images).numpy()
@@ -257,3 +257,29 @@ def test_train_eval_predict_export_and_init_from_with_other_architectures(tmp_pa
     trained = {k for k in after if not torch.equal(after[k], before[k.replace(f"{head}.1.", f"{head}.")])}
     assert {f"{head}.1.weight", f"{head}.1.bias"} <= trained
     assert all(k.startswith(f"{head}.1.") or "running_" in k or "num_batches" in k for k in trained), trained
+
+
+@pytest.mark.parametrize("entry", ["eval:main", "flowers.predict:main"])
+def test_eval_size_on_a_vit_checkpoint_is_one_line(entry, tmp_path, monkeypatch, capsys):
+    """eval.py and predict with --eval-size on a ViT checkpoint ended in a traceback (`AssertionError:
+    Wrong image height!`). Checked from checkpoint.json, before the weights are read."""
+    import importlib
+    import sys
+
+    from flowers.cli import run
+
+    folder = tmp_path / "vit" / "best"
+    folder.mkdir(parents=True)
+    (folder / checkpoint.META_FILE).write_text(json.dumps({"arch": "vit_b_16", "image_size": 224, "num_classes": 5}))
+    (folder / checkpoint.WEIGHTS_FILE).write_bytes(b"not read")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"")
+    module, function = entry.split(":")
+    argv = (["x", str(photo)] if "predict" in module else ["x"]) + ["--ckpt", str(folder), "--eval-size", "160"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        run(getattr(importlib.import_module(module), function))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --eval-size 160: this checkpoint's vit_b_16 takes 224 px images only (torchvision's "
+        "VisionTransformer has a position embedding per patch of that size); leave --eval-size out")

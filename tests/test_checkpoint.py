@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from flowers import checkpoint
+from flowers import checkpoint, loading
 from flowers.errors import UserError
 from flowers.model import build_model
 
@@ -15,7 +15,7 @@ def _meta(**extra):
 def test_round_trip_gives_identical_predictions(tmp_path):
     model = build_model(4, "none").eval()
     checkpoint.save_checkpoint(tmp_path / "run" / "best", model.state_dict(), _meta(epoch=3))
-    loaded, meta = checkpoint.load_model(tmp_path / "run" / "best")
+    loaded, meta = loading.load_model(tmp_path / "run" / "best")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), loaded.eval()(x))
     assert meta["epoch"] == 3
@@ -51,3 +51,26 @@ def test_interrupted_swap_is_recovered(tmp_path):
 def test_no_runs_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no runs"):
         checkpoint.resolve("best", str(tmp_path))
+
+
+def _flowers_imports(module: str) -> set[str]:
+    """The flowers modules `module` imports, at the top or inside a function."""
+    import ast
+
+    from conftest import REPO
+
+    tree = ast.parse((REPO / "flowers" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flowers"):
+            found |= {node.module} if node.module != "flowers" else {f"flowers.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("flowers")}
+    return found
+
+
+def test_model_and_checkpoint_do_not_import_each_other():
+    """checkpoint.py handles folders and imports only errors; model.py builds modules and opens no
+    checkpoint (loading.py joins the two)."""
+    assert _flowers_imports("checkpoint") == {"flowers.errors"}
+    assert not {"flowers.checkpoint", "flowers.loading"} & _flowers_imports("model")

@@ -133,3 +133,14 @@ def test_wandb_report_is_built_from_the_group_up_to_the_save(tmp_path):
     assert {"val_accuracy", "train_loss", "val_loss", "lr"} <= plotted
     text = "\n".join(b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock))
     assert "| stage1 | 65.00% (13/20) | 3 | 3 | — |" in text and "| lr | 0.001 | 0.0001 |" in text
+
+
+def test_group_none_is_a_name_not_the_runs_without_a_group(tmp_path):
+    """`--group None` reported every run trained without --group (its config.yaml has group: null)."""
+    for name, group in (("plain", None), ("named", "None")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"group": group, "epochs": 1}))
+    assert [r.name for r in find_runs(str(tmp_path), "None")] == ["named"]
+    (tmp_path / "named" / "config.yaml").unlink()
+    with pytest.raises(UserError, match="--group None: no runs of that group"):
+        find_runs(str(tmp_path), "None")

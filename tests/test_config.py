@@ -24,7 +24,7 @@ def test_yaml_config_and_flags_win(tmp_path):
     (["--image-size", "16"], "--image-size"),
     (["--val-split", "1.5"], "--val-split"),
     (["--optimizer", "lion"], "invalid choice"),
-    (["--epochs", "two"], "invalid int"),
+    (["--epochs", "two"], "argument --epochs: must be a whole number at least 1, got 'two'"),
 ])
 def test_bad_values_are_one_line_errors(argv, message):
     with pytest.raises(UserError, match=message) as info:

@@ -93,7 +93,7 @@ def test_other_folder_with_different_classes_is_one_line(trained_run, tmp_path):
 
 @pytest.mark.parametrize("missing", ["checkpoint.json", "model.safetensors"])
 def test_checkpoint_missing_a_file_names_it(trained_run, tmp_path, missing):
-    from flowers.checkpoint import load_model
+    from flowers.loading import load_model
     from flowers.errors import UserError  # printed as one `error: ...` line by every command
 
     broken = tmp_path / "broken"
@@ -102,3 +102,13 @@ def test_checkpoint_missing_a_file_names_it(trained_run, tmp_path, missing):
     with pytest.raises(UserError) as error:
         load_model(broken)
     assert str(error.value) == f"checkpoint {broken} is missing {missing}"
+
+
+def test_the_verdict_names_fp32_not_accelerates_no():
+    """eval.py's verdict line said "(evaluated in no)" for fp32."""
+    from flowers.evaluation import recorded_accuracy_verdict
+
+    same = recorded_accuracy_verdict(0.9, 0.9, 100, "no", "no")
+    assert same.endswith("(evaluated in fp32)"), same
+    other = recorded_accuracy_verdict(0.9, 0.89, 100, "bf16", "no")
+    assert "trained in bf16; evaluated in fp32" in other and " no" not in other, other

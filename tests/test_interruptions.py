@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from conftest import REPO, TINY_TRAIN, make_dataset, run_cli
-from flowers import checkpoint
+from flowers import checkpoint, loading
 
 pytestmark = pytest.mark.slow  # hundreds of killed saves, and a training run on a full disk
 
@@ -124,6 +124,6 @@ def test_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(t
     assert "previous one there (if any) is kept" in err[-1] and "Traceback" not in proc.stderr
     kept = tmp_path / "kept"
     assert json.loads((kept / "last" / "checkpoint.json").read_text())["epoch"] == 1
-    checkpoint.load_model(kept / "last")  # complete and loadable
+    loading.load_model(kept / "last")  # complete and loadable
     listing = (tmp_path / "listing").read_text().split()
     assert {"best", "last"} <= set(listing) and [n for n in listing if n.startswith(".")] == [".", ".."], listing

@@ -9,6 +9,7 @@ from torchvision.models import resnet18
 
 from flowers import checkpoint
 from flowers.errors import UserError
+from flowers.loading import initial_state
 from flowers.model import build_model, imagenet_cache_path
 
 
@@ -22,7 +23,7 @@ def test_weights_from_a_state_dict_file(tmp_path):
     source = resnet18(weights=None)
     path = tmp_path / "imagenet_style.pth"
     torch.save(source.state_dict(), path)  # 1000-class head: backbone loads, head is replaced
-    model = build_model(3, str(path))
+    model = build_model(3, initial_state(str(path)))
     assert torch.equal(model.conv1.weight, source.conv1.weight)
     assert model.fc.out_features == 3
 
@@ -72,7 +73,7 @@ def test_imagenet_weights_missing_offline_is_one_line(tmp_path, monkeypatch):
 
 def test_unknown_weights_name_is_one_line():
     with pytest.raises(UserError, match="no such file"):
-        build_model(5, "imagenett")
+        initial_state("imagenett")
 
 
 def _source_and_its_backbone(num_classes: int = 1000) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -110,7 +111,7 @@ def test_weights_file_forms_load_the_backbone(form, tmp_path):
         compiled = torch.compile(source)  # compiles lazily: nothing runs until a forward pass
         assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
         path = _save_pth(tmp_path, compiled.state_dict())
-    model = build_model(3, path)
+    model = build_model(3, initial_state(path))
     _assert_loaded(model, backbone)
     assert model.fc.out_features == 3
 
@@ -119,5 +120,5 @@ def test_weights_from_a_checkpoint_folder_keep_its_head(tmp_path):
     source, _ = _source_and_its_backbone(num_classes=3)
     folder = checkpoint.save_checkpoint(tmp_path / "run" / "best", source.state_dict(),
                                         {"num_classes": 3, "class_names": list("abc"), "config": {}})
-    model = build_model(3, str(folder))
+    model = build_model(3, initial_state(str(folder)))
     _assert_loaded(model, source.state_dict())  # the head too: it has our shape

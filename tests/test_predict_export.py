@@ -74,7 +74,7 @@ def test_export_round_trip_gives_the_same_top1_as_pytorch(trained_run, tmp_path,
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
-    from flowers.checkpoint import load_model
+    from flowers.loading import load_model
     from flowers.export import load_exported
     from flowers.predict import load_image
     from flowers.transforms import eval_transform

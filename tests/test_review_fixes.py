@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import io
 import json
@@ -21,12 +20,13 @@ from PIL import Image as PILImage
 from safetensors.torch import save_file
 
 from conftest import CLASSES, REPO, TINY_TRAIN, make_dataset, run_cli
-from flowers import checkpoint, data
+from flowers import checkpoint, data, loading
 from flowers.config import TrainConfig
 from flowers.datacheck import duplicate_groups
 from flowers.errors import UserError
 from flowers.imagefiles import load_rgb
-from flowers.model import build_model, load_model_weights, load_state_dict_file
+from flowers.loading import initial_state, load_state_dict_file
+from flowers.model import build_model, load_model_weights
 from flowers.transforms import train_transform
 
 
@@ -131,30 +131,6 @@ def test_a_test_split_is_never_used_for_model_selection(tmp_path):
     assert (splits.val_from, len(splits.train), len(splits.val)) == (None, 12, 3)  # held out of train
 
 
-# ---- 8. declared minimum versions -------------------------------------------------------------
-
-# The oldest releases that run what we call, installed and run here (tiny train, eval.py, ONNX export)
-# with torch 2.7.0, torchvision 0.22.0, accelerate 1.3.0, datasets 3.0.0:
-#   accelerate 1.1.0 added DataLoaderConfiguration(data_seed=...) (1.0.1 has no such field), 1.3.0
-#     unwrap_model(keep_torch_compile=...) (1.2.1 has not; training.py calls it);
-#   torch: 2.5 has export(dynamo=True, external_data=..., dynamic_shapes=...) but its exporter fails on
-#     ResNet18's BatchNorm with today's onnxscript (ConversionError), 2.6 raises KeyError 'images'
-#     (dynamic_shapes keyed by argument name next to input_names); 2.7.0 exports and matches PyTorch.
-NEEDED = {"accelerate": (1, 3), "torch": (2, 7), "torchvision": (0, 22), "datasets": (3, 0)}
-
-
-def test_declared_minimum_versions_have_the_apis_we_call():
-    cfg = configparser.ConfigParser()
-    cfg.read(REPO / "setup.cfg")
-    declared = {}
-    for line in cfg["options"]["install_requires"].split("\n"):
-        match = re.fullmatch(r"\s*([\w-]+)>=([\d.]+)\s*", line)
-        if match:
-            declared[match[1]] = tuple(int(part) for part in match[2].split("."))
-    for package, needed in NEEDED.items():
-        assert declared[package] >= needed, f"{package}>={declared[package]} declared, but we need {needed}"
-
-
 # ---- 10. reading a checkpoint while a trainer saves it --------------------------------------------
 
 def _meta(epoch: int) -> dict:
@@ -175,7 +151,7 @@ def test_resolving_between_a_saves_two_renames_changes_nothing_and_the_save_succ
     before = _listing(out)
     for ckpt in ("best", str(out / "run"), str(best)):
         found = checkpoint.resolve(ckpt, str(out))
-        assert found == best.with_name("best.old") and checkpoint.load_model(found)[1]["epoch"] == 1
+        assert found == best.with_name("best.old") and loading.load_model(found)[1]["epoch"] == 1
     assert _listing(out) == before  # eval.py, predict and export only read
     best.with_name("best.old").rename(best)
 
@@ -198,10 +174,11 @@ def test_resolving_between_a_saves_two_renames_changes_nothing_and_the_save_succ
 def test_weights_from_a_dropout_checkpoint_keep_their_head(tmp_path):
     trained = build_model(5, "none", dropout=0.3)
     save_file(trained.state_dict(), str(tmp_path / "dropout.safetensors"))
-    plain = build_model(5, str(tmp_path / "dropout.safetensors"))
+    plain = build_model(5, initial_state(str(tmp_path / "dropout.safetensors")))
     assert torch.equal(plain.fc.weight, trained.fc[1].weight) and torch.equal(plain.fc.bias, trained.fc[1].bias)
     save_file(plain.state_dict(), str(tmp_path / "plain.safetensors"))  # and the other way round
-    assert torch.equal(build_model(5, str(tmp_path / "plain.safetensors"), dropout=0.3).fc[1].weight, plain.fc.weight)
+    with_dropout = build_model(5, initial_state(str(tmp_path / "plain.safetensors")), dropout=0.3)
+    assert torch.equal(with_dropout.fc[1].weight, plain.fc.weight)
 
 
 def test_weights_that_do_not_fit_are_described_in_one_sentence():
@@ -265,5 +242,5 @@ def test_weights_of_compiled_and_ddp_wrapped_models_load(tmp_path, prefix, suffi
     path = tmp_path / f"wrapped{suffix}"
     save_file(wrapped, str(path)) if suffix == ".safetensors" else torch.save(wrapped, path)
     assert set(load_state_dict_file(str(path))) == set(model.state_dict())
-    loaded = build_model(5, str(path))
+    loaded = build_model(5, initial_state(str(path)))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, make_dataset, run_cli
-from flowers import checkpoint
+from flowers import checkpoint, loading
 from flowers.config import EvalConfig, TrainConfig, parse
 from flowers.errors import UserError
-from flowers.model import build_model, load_state_dict_file
+from flowers.loading import load_state_dict_file
+from flowers.model import build_model
 
 
 class FileCreatingPayload:
@@ -45,7 +46,7 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     (folder / "model.safetensors").write_bytes(evil.read_bytes())
     (folder / "checkpoint.json").write_text(json.dumps({"num_classes": 2, "config": {}}))
     with pytest.raises(UserError, match="not a valid safetensors file"):
-        checkpoint.load_model(folder)
+        loading.load_model(folder)
     assert not marker.exists()
 
 
@@ -93,21 +94,21 @@ def test_paths_in_a_checkpoint_json_never_decide_where_eval_writes(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "-0.1"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "-0.1"], "--lr must be in (0, 10]"),
+    (["--lr", "nan"], "--lr must be in (0, 10], got nan"),
     (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--image-size", "16"], "--image-size must be at least 32"),
-    (["--val-split", "1"], "--val-split must be between 0 and 1"),
-    (["--val-split", "0"], "--val-split must be between 0 and 1"),
+    (["--image-size", "16"], "--image-size must be in [32, 4096]"),
+    (["--val-split", "1"], "--val-split must be in (0, 1)"),
+    (["--val-split", "0"], "--val-split must be in (0, 1)"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--weights", "imagenet1k"], "--weights imagenet1k: not imagenet or none, and no such file"),
     (["--optimizer", "sgd", "--momentum", "0"], "--momentum must be in (0, 1)"),
     (["--seed", "-1"], "--seed must be in"),
     (["--run-name", "../elsewhere"], "--run-name must be a plain folder name"),
     (["--gamma", "nan"], "--gamma must be in (0, 1]"),
-    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be in [0, 1]"),
     (["--on-nan", "ignore"], "invalid choice"),
-    (["--lr", "fast"], "invalid float value"),
+    (["--lr", "fast"], "argument --lr: must be a number in (0, 10], got 'fast'"),
     (["--output-dir", "{a_file}"], "exists and is not a folder"),
 ])
 def test_every_bad_train_flag_is_one_line(flags, message, tmp_path):
