@@ -73,7 +73,7 @@ def find_run(resume: str, output_dir: str) -> Path:
         last = path if (path / checkpoint.META_FILE).is_file() else path / "last"
     checkpoint._recover(last)  # resuming makes this process the run's writer: it may finish a killed save
     if not (last / checkpoint.META_FILE).is_file():
-        stopped_early = (last.parent / "config.yaml").is_file() and not any(last.parent.rglob(checkpoint.META_FILE))
+        stopped_early = (last.parent / "config.yaml").is_file() and config_only_run(last.parent)
         raise UserError(f"--resume {resume}: no run with a last/ checkpoint there" + (
             f" (its run stopped before its first save: start it again with --run-name {last.parent.name})"
             if stopped_early else ""))
@@ -81,6 +81,12 @@ def find_run(resume: str, output_dir: str) -> Path:
         raise UserError(f"--resume: {last} holds weights but no {STATE_DIR}/ (saved by an older version?); "
                         f"start a new run from its weights with --init-from {last}")
     return last.parent
+
+
+def config_only_run(run_dir: Path) -> bool:
+    """A run folder that a run left before its first last/ was complete: nothing in it to resume."""
+    last = run_dir / "last"
+    return not any((folder / checkpoint.META_FILE).is_file() for folder in (last, last.with_name("last.old")))
 
 
 def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:

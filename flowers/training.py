@@ -30,7 +30,7 @@ from flowers.model import build_model
 from flowers.nonfinite import NonFiniteGuard, check_validation_loss
 from flowers.optim import build_optimizer, build_scheduler
 from flowers.recipe import EarlyStopping, WeightEMA, make_batch_transform, make_loss, parameter_groups
-from flowers.resume import (HISTORY_FILE, Progress, StopOnSignal, append_history, epoch_loader, find_run,
+from flowers.resume import (Progress, StopOnSignal, append_history, config_only_run, epoch_loader, find_run,
                             load_init_weights, load_last, resolve_init, resumed_config, trim_history)
 from flowers.resume import save_last as save_last_state
 from flowers.runtime import environment, make_accelerator
@@ -91,10 +91,11 @@ def hold_run_dir(folder: Path) -> Optional[int]:
 
 
 def reclaim_unsaved_run_dir(folder: Path) -> bool:
-    """Take back a run folder that holds no checkpoint and no finished epoch (its run stopped before
-    its first save: a config.yaml and tracker files only) when no live process holds it: its files
-    are removed and the new run starts there, with a note. False for anything else."""
-    if not folder.is_dir() or any(folder.rglob(checkpoint.META_FILE)) or (folder / HISTORY_FILE).exists():
+    """Take back a run folder with nothing to resume (no last/: its run stopped before the end of
+    its first epoch's save, which writes last/ after history.jsonl, best/ and ema/) when no live
+    process holds it: its files are removed and the new run starts there, with a note. False for
+    anything else."""
+    if not folder.is_dir() or not config_only_run(folder):
         return False
     fd = hold_run_dir(folder)
     if fd is None:  # a run is training there and has not saved yet
@@ -102,7 +103,7 @@ def reclaim_unsaved_run_dir(folder: Path) -> bool:
     _HELD_RUN_DIRS.append(fd)
     for child in folder.iterdir():
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    print(f"note: {folder} held no checkpoint (its run stopped before its first save); starting afresh there")
+    print(f"note: {folder} held nothing to resume (its run stopped before its first save); starting afresh there")
     return True
 
 

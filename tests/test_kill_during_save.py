@@ -15,7 +15,7 @@ from conftest import REPO, make_colour_dataset, read_history
 from flowers.resume import trim_history
 
 # One Python process; every run is a forked child (no second import of torch): a reference run,
-# then for each kill point a run SIGKILLed there while it saves epoch KILL_EPOCH and a run that
+# then for each kill point a run SIGKILLed there at a point of an epoch's save and a run that
 # continues it (--resume). The parent compares each continued run with the reference.
 SCRIPT = textwrap.dedent('''
     import hashlib, json, os, signal, sys
@@ -26,7 +26,6 @@ SCRIPT = textwrap.dedent('''
     from safetensors.numpy import load_file  # no torch op in this process: its children fork from it
 
     data, root, points = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(",")
-    KILL_EPOCH = 2
     ARGS = ["--data", str(data), "--epochs", "3", "--image-size", "32", "--batch-size", "8", "--weights", "none",
             "--report-to", "none", "--workers", "0", "--ema-decay", "0.5", "--lr", "3e-4", "--seed", "5",
             "--val-split", "0.5"]
@@ -52,15 +51,15 @@ SCRIPT = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
 
     def arm(point):
-        """Patch the save sequence to SIGKILL this process at `point` of epoch KILL_EPOCH's save."""
-        where, when = point.split(":")
+        """Patch the save sequence to SIGKILL this process at `point` (epoch:file:moment) of that epoch's save."""
+        kill_epoch, where, when = point.split(":")
         now = {"epoch": 0}
         save_epoch = training.Run.save_epoch
         def save_epoch_noting(self, result):
             now["epoch"] = result.epoch
             save_epoch(self, result)
         training.Run.save_epoch = save_epoch_noting
-        armed = lambda name: now["epoch"] == KILL_EPOCH and name == where
+        armed = lambda name: now["epoch"] == int(kill_epoch) and name == where
 
         append = training.append_history
         def append_history(run_dir, row):
@@ -124,12 +123,20 @@ SCRIPT = textwrap.dedent('''
             arm(point)
             train(out, "--run-name", "r")
         assert in_child(killed_run) == "killed", f"{point}: the run was not killed"
-        assert in_child(lambda: train(out, "--resume", str(out / "r"))) == 0, f"{point}: resume failed"
+        # what a user does next: --resume, or the same --run-name when there is nothing to resume
+        resumable = any((out / "r" / name / "checkpoint.json").is_file() for name in ("last", "last.old"))
+        again = ["--resume", str(out / "r")] if resumable else ["--run-name", "r"]
+        assert in_child(lambda: train(out, *again)) == 0, f"{point}: {' '.join(again)} failed"
         print("CONTINUED", point, json.dumps(outcome(out / "r")), flush=True)
 ''')
 
-POINTS = ["history:torn", "history:after", "summary:after", "best:written", "best:swapping", "best:after",
-          "ema:written", "ema:swapping", "ema:after", "last:before", "last:written", "last:swapping", "last:after"]
+# epoch:file:moment. Epoch 2: every point (last/ of epoch 1 exists: --resume). Epoch 1: before last/
+# there is nothing to resume (the same --run-name starts afresh), after it --resume.
+MOMENTS = ["history:torn", "history:after", "summary:after", "best:written", "best:swapping", "best:after",
+           "ema:written", "ema:swapping", "ema:after", "last:before", "last:written", "last:swapping", "last:after"]
+POINTS = [f"2:{moment}" for moment in MOMENTS] + [f"1:{moment}" for moment in
+                                                 ("history:torn", "best:swapping", "ema:after", "last:swapping",
+                                                  "last:after")]
 
 
 def _kill_and_continue(tmp_path, points: list[str]) -> None:
@@ -141,7 +148,7 @@ def _kill_and_continue(tmp_path, points: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     reference = json.loads(next(line for line in lines if line.startswith("REFERENCE")).split(" ", 1)[1])
-    # the kills land in epoch 2's save, so epoch 2 must be a new best for the model and the EMA
+    # kills in epoch 2's save test best/ and ema/ only if epoch 2 is a new best for the model and the EMA
     accuracies, ema_accuracies = reference["val_accuracy"], reference["ema_val_accuracy"]
     assert accuracies[1] > accuracies[0] and ema_accuracies[1] > ema_accuracies[0], reference
     assert reference["best"]["epoch"] == accuracies.index(max(accuracies)) + 1
@@ -157,7 +164,7 @@ def _kill_and_continue(tmp_path, points: list[str]) -> None:
 def test_a_kill_while_best_is_swapped_in_loses_nothing(tmp_path):
     """The fast loop's share, the review's case: best/ half swapped in (last/ used to be complete by
     then, so the resumed run never saved that epoch's best/ and ema/)."""
-    _kill_and_continue(tmp_path, ["best:swapping"])
+    _kill_and_continue(tmp_path, ["2:best:swapping"])
 
 
 def test_resume_drops_a_history_line_that_a_kill_cut_short(tmp_path):

@@ -1,4 +1,4 @@
-"""A run name is free again when its folder holds no checkpoint and no process trains there; --resume
+"""A run name is free again when its folder holds nothing to resume (no last/) and no process trains there; --resume
 names every option of its command line that it ignores, whatever its value."""
 
 from __future__ import annotations
@@ -25,13 +25,18 @@ def test_a_run_that_stopped_before_its_first_save_does_not_block_its_name(tmp_pa
     cfg = parse(TrainConfig, ["--output-dir", str(tmp_path / "out"), "--run-name", "r"])
     assert _create_run_dir(Accelerator(cpu=True), cfg) == stale
     assert list(stale.iterdir()) == []
-    assert "held no checkpoint" in capsys.readouterr().out
+    assert "held nothing to resume" in capsys.readouterr().out
+    # killed while saving its first epoch: history.jsonl, best/ and ema/ written, last/ not yet
+    (stale / "history.jsonl").write_text('{"epoch": 1}\n')
+    checkpoint.save_checkpoint(stale / "best", {}, {"epoch": 1})
+    assert _create_run_dir(Accelerator(cpu=True), cfg) == stale
+    assert list(stale.iterdir()) == []
 
 
 def test_a_run_name_stays_blocked_by_a_checkpoint_or_a_live_run(tmp_path):
     cfg = parse(TrainConfig, ["--output-dir", str(tmp_path / "out"), "--run-name", "r"])
     saved = tmp_path / "out" / "r"
-    checkpoint.save_checkpoint(saved / "best", {}, {"epoch": 1})
+    checkpoint.save_checkpoint(saved / "last", {}, {"epoch": 1})
     with pytest.raises(UserError, match="already exists; continue that run with --resume"):
         _create_run_dir(Accelerator(cpu=True), cfg)
     live = tmp_path / "out" / "live"
