@@ -27,10 +27,14 @@ def test_a_run_that_stopped_before_its_first_save_does_not_block_its_name(tmp_pa
     assert list(stale.iterdir()) == []
     assert "held nothing to resume" in capsys.readouterr().out
     # killed while saving its first epoch: history.jsonl, best/ and ema/ written, last/ not yet
-    (stale / "history.jsonl").write_text('{"epoch": 1}\n')
-    checkpoint.save_checkpoint(stale / "best", {}, {"epoch": 1})
-    assert _create_run_dir(Accelerator(cpu=True), cfg) == stale
-    assert list(stale.iterdir()) == []
+    killed = tmp_path / "out" / "k"
+    killed.mkdir()
+    (killed / "config.yaml").write_text("epochs: 3\n")
+    (killed / "history.jsonl").write_text('{"epoch": 1}\n')
+    checkpoint.save_checkpoint(killed / "best", {}, {"epoch": 1})
+    cfg = parse(TrainConfig, ["--output-dir", str(tmp_path / "out"), "--run-name", "k"])
+    assert _create_run_dir(Accelerator(cpu=True), cfg) == killed
+    assert list(killed.iterdir()) == []
 
 
 def test_a_run_name_stays_blocked_by_a_checkpoint_or_a_live_run(tmp_path):
