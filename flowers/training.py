@@ -452,12 +452,9 @@ class Run:
         }
 
 
-def fit(cfg: TrainConfig) -> Path:
-    """Train as configured (or continue an interrupted run); returns the run folder holding
-    best/ and last/ (and ema/ with --ema-decay).
-
-    Set up (where the run starts from, the accelerator, data, model and trackers), then each
-    epoch: train, validate (noting a new best), save, track; then finish the trackers."""
+def open_run(cfg: TrainConfig) -> Run:
+    """Everything fit() trains with, set up from the config: where the run starts from, the
+    accelerator, the data, the run folder and the prepared model, optimizer, schedule and loaders."""
     start = RunStart.resolve(cfg)
     cfg = start.cfg
     accelerator = make_accelerator(start.shuffle_seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
@@ -467,12 +464,21 @@ def fit(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)
     init_state, splits = _load_data(accelerator, start)
     run_dir = _open_run_dir(accelerator, start, splits)
-    run = Run.create(accelerator, start, splits, init_state, run_dir)
-    if start.resume_dir and not run.resume():
-        return run_dir  # it had already finished
+    return Run.create(accelerator, start, splits, init_state, run_dir)
+
+
+def fit(cfg: TrainConfig) -> Path:
+    """Train as configured (or continue an interrupted run); returns the run folder holding
+    best/ and last/ (and ema/ with --ema-decay).
+
+    Set up (open_run; resuming, the saved state; the trackers), then each epoch: train,
+    validate (noting a new best), save, track; then finish the trackers."""
+    run = open_run(cfg)
+    if run.start.resume_dir and not run.resume():
+        return run.run_dir  # it had already finished
     run.start_tracking()
     with run.stop:
-        for epoch in range(run.progress.epoch + 1, cfg.epochs + 1):
+        for epoch in range(run.progress.epoch + 1, run.cfg.epochs + 1):
             train = run.train_epoch(epoch)
             result = run.validate(epoch, train)
             run.save_epoch(result)
@@ -480,7 +486,7 @@ def fit(cfg: TrainConfig) -> Path:
             if run.stop_after(result):
                 break
     run.finish()
-    return run_dir
+    return run.run_dir
 
 
 def data_order_seed(seed: int) -> int:

@@ -1,0 +1,188 @@
+"""Break each option's wiring, one line at a time, and run the fast tests that should catch it.
+
+    python tests/wiring_mutations.py            # every break; prints a Markdown table
+    python tests/wiring_mutations.py --only lr  # the breaks whose option contains "lr"
+
+Each break replaces one snippet where fit()/Run/a command uses an option (passing the default, None
+or 0 instead), runs the named tests (all in the fast loop: `pytest -m "not slow"`), and restores
+the file. A break that no test catches is reported as MISSED and makes the exit status 1. Not a
+test itself (it rewrites the package's files while it runs): run it on a clean checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+W = "tests/test_wiring.py::"
+
+
+@dataclass
+class Break:
+    option: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BREAKS = [
+    # ---- train.py: fit(), open_run(), Run ----
+    Break("--data", "flowers/training.py", "load_splits(resolve_data(cfg.data),", "load_splits(resolve_data(None),",
+          (W + "test_data_output_dir_and_run_name_place_the_run",)),
+    Break("--output-dir", "flowers/training.py", "output_dir = Path(cfg.output_dir)\n", "output_dir = Path('outputs')\n",
+          (W + "test_data_output_dir_and_run_name_place_the_run",)),
+    Break("--run-name", "flowers/training.py", "base = cfg.run_name or ", "base = None or ",
+          (W + "test_data_output_dir_and_run_name_place_the_run",)),
+    Break("--val-split", "flowers/training.py", "cfg.val_split, cfg.seed, cfg.strict", "0.2, cfg.seed, cfg.strict",
+          (W + "test_val_split_and_seed_choose_the_held_out_photos",)),
+    Break("--seed (split)", "flowers/training.py", "cfg.val_split, cfg.seed, cfg.strict", "cfg.val_split, 42, cfg.strict",
+          (W + "test_val_split_and_seed_choose_the_held_out_photos",)),
+    Break("--seed (data order: the raw seed)", "flowers/training.py", "        return data_order_seed(self.cfg.seed)",
+          "        return self.cfg.seed", (W + "test_neighbouring_seeds_get_unrelated_data_orders",)),
+    Break("--strict", "flowers/training.py", "cfg.val_split, cfg.seed, cfg.strict", "cfg.val_split, cfg.seed, False",
+          (W + "test_strict_refuses_a_folder_with_a_broken_photo",)),
+    Break("--weights", "flowers/training.py", "start.init_path else cfg.weights, cfg.arch)",
+          "start.init_path else 'none', cfg.arch)", (W + "test_weights_and_init_from_load_their_weights",)),
+    Break("--init-from", "flowers/training.py",
+          "load_init_weights(model, start.init_path, splits.class_names) if start.init_path else None", "None",
+          (W + "test_weights_and_init_from_load_their_weights",)),
+    Break("--cache-resized", "flowers/training.py", "decode_once = cfg.cache_resized or", "decode_once = False or",
+          (W + "test_pipeline_device_and_cache_resized_change_where_pixels_come_from",)),
+    Break("--arch", "flowers/training.py", "dropout=cfg.dropout, arch=cfg.arch)", "dropout=cfg.dropout, arch='resnet18')",
+          (W + "test_arch_dropout_and_channels_last_build_the_model",)),
+    Break("--dropout", "flowers/training.py", "dropout=cfg.dropout, arch=cfg.arch)", "dropout=0.0, arch=cfg.arch)",
+          (W + "test_arch_dropout_and_channels_last_build_the_model",)),
+    Break("--channels-last", "flowers/training.py", "        if cfg.channels_last:\n            model = model.to(",
+          "        if False:\n            model = model.to(", (W + "test_arch_dropout_and_channels_last_build_the_model",)),
+    Break("--optimizer/--lr/--momentum/--weight-decay", "flowers/training.py",
+          "build_optimizer(cfg, parameter_groups(cfg, model))", "build_optimizer(TrainConfig(), parameter_groups(cfg, model))",
+          (W + "test_optimizer_lr_momentum_and_weight_decay_reach_the_optimizer",)),
+    Break("--lr", "flowers/optim.py", "torch.optim.SGD(params, lr=cfg.lr,", "torch.optim.SGD(params, lr=2e-3,",
+          (W + "test_optimizer_lr_momentum_and_weight_decay_reach_the_optimizer",)),
+    Break("--momentum", "flowers/optim.py", "momentum=cfg.momentum,", "momentum=0.9,",
+          (W + "test_optimizer_lr_momentum_and_weight_decay_reach_the_optimizer",)),
+    Break("--weight-decay", "flowers/recipe.py", "cfg.weight_decay if decayed else 0.0", "0.05 if decayed else 0.0",
+          (W + "test_optimizer_lr_momentum_and_weight_decay_reach_the_optimizer",)),
+    Break("--ema-decay", "flowers/training.py", "WeightEMA(model, cfg.ema_decay) if", "WeightEMA(model, 0.999) if",
+          (W + "test_ema_decay_and_the_ema_follows_optimizer_steps_only",)),
+    Break("--ema-decay (updated on every batch)", "flowers/training.py",
+          "        if stepped:\n            progress.global_step += 1\n            if self.ema is not None:",
+          "        if stepped:\n            progress.global_step += 1\n        if self.ema is not None:",
+          (W + "test_ema_decay_and_the_ema_follows_optimizer_steps_only",)),
+    Break("--scheduler/--epochs/--warmup-epochs/--step-size/--gamma", "flowers/training.py",
+          "scheduler = build_scheduler(cfg, optimizer,", "scheduler = build_scheduler(TrainConfig(), optimizer,",
+          (W + "test_step_schedule_with_warmup_follows_its_options",
+           W + "test_cosine_onecycle_and_no_schedule_span_the_run")),
+    Break("--grad-accum-steps (accelerator)", "flowers/training.py",
+          "make_accelerator(start.shuffle_seed, cfg.grad_accum_steps,", "make_accelerator(start.shuffle_seed, 1,",
+          (W + "test_grad_accum_steps_reach_the_accelerator_and_the_schedule",)),
+    Break("--grad-accum-steps (schedule)", "flowers/training.py",
+          "math.ceil(len(train_loader) / cfg.grad_accum_steps)", "len(train_loader)",
+          (W + "test_grad_accum_steps_reach_the_accelerator_and_the_schedule",)),
+    Break("--step-size", "flowers/optim.py", "steps_per_epoch, cfg.step_size, cfg.gamma)", "steps_per_epoch, 7, cfg.gamma)",
+          (W + "test_step_schedule_with_warmup_follows_its_options",)),
+    Break("--gamma", "flowers/optim.py", "steps_per_epoch, cfg.step_size, cfg.gamma)", "steps_per_epoch, cfg.step_size, 0.1)",
+          (W + "test_step_schedule_with_warmup_follows_its_options",)),
+    Break("--warmup-epochs", "flowers/optim.py", "    warmup_epochs = cfg.warmup_epochs\n", "    warmup_epochs = 0\n",
+          (W + "test_step_schedule_with_warmup_follows_its_options",)),
+    Break("--epochs (schedule)", "flowers/optim.py", "    total = cfg.epochs * steps_per_epoch", "    total = 25 * steps_per_epoch",
+          (W + "test_cosine_onecycle_and_no_schedule_span_the_run",)),
+    Break("--epochs (the loop)", "flowers/training.py", "range(run.progress.epoch + 1, run.cfg.epochs + 1)",
+          "range(run.progress.epoch + 1, 25 + 1)",
+          ("tests/test_end_to_end.py::test_training_writes_best_and_last_with_self_contained_metadata",)),
+    Break("--freeze-backbone N", "flowers/optim.py", "backbone.frozen_steps = max(0, cfg.freeze_backbone) * steps_per_epoch",
+          "backbone.frozen_steps = 0", (W + "test_freeze_backbone_for_some_epochs_or_the_whole_run",)),
+    Break("--freeze-backbone (whole run)", "flowers/training.py", "parameter_groups(cfg, model))",
+          "parameter_groups(dataclasses.replace(cfg, freeze_backbone=0), model))",
+          (W + "test_freeze_backbone_for_some_epochs_or_the_whole_run",)),
+    Break("--label-smoothing", "flowers/training.py", "loss_fn=make_loss(cfg),", "loss_fn=make_loss(TrainConfig()),",
+          (W + "test_label_smoothing_is_in_the_loss", W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing")),
+    Break("--mixup/--cutmix (mix=None)", "flowers/training.py", "mix=make_batch_transform(cfg, len(splits.class_names)),",
+          "mix=None,", (W + "test_mixup_and_cutmix_mix_the_batches_with_their_alphas",)),
+    Break("--mixup + --cutmix (CutMix never chosen)", "flowers/recipe.py",
+          "return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)", "return mixers[0]",
+          (W + "test_mixup_and_cutmix_mix_the_batches_with_their_alphas",)),
+    Break("--early-stopping-patience", "flowers/training.py", "stopper=EarlyStopping(cfg.early_stopping_patience),",
+          "stopper=EarlyStopping(0),", (W + "test_early_stopping_patience_stops_the_run",)),
+    Break("--on-nan", "flowers/training.py", "NonFiniteGuard(accelerator, cfg.on_nan, run_dir)",
+          "NonFiniteGuard(accelerator, 'stop', run_dir)", (W + "test_on_nan_reaches_the_guard",)),
+    Break("the loop's totals (float64)", "flowers/training.py",
+          "totals=torch.zeros(3, device=accelerator.device, dtype=torch.float32),",
+          "totals=torch.zeros(3, device=accelerator.device, dtype=torch.float64),",
+          (W + "test_the_loop_sums_in_float32_and_validates_on_the_validation_split",)),
+    Break("the validation loader (built from the training split)", "flowers/data.py",
+          "val = make_loader(with_transform(splits.val,", "val = make_loader(with_transform(splits.train,",
+          (W + "test_the_loop_sums_in_float32_and_validates_on_the_validation_split",)),
+    Break("--save-every-steps", "flowers/training.py", "every = self.accelerator, self.progress, self.cfg.save_every_steps",
+          "every = self.accelerator, self.progress, 0", (W + "test_save_every_steps_saves_last_mid_epoch",)),
+    Break("--resume", "flowers/training.py", "        if cfg.resume:\n            resume_dir = find_run(",
+          "        if False:\n            resume_dir = find_run(", (W + "test_resume_continues_the_saved_run",)),
+    Break("--report-to", "flowers/training.py", "tracking.tracker_names(cfg.report_to)", "tracking.tracker_names('none')",
+          (W + "test_report_to_project_tags_and_group_reach_the_trackers",)),
+    Break("--wandb-project", "flowers/training.py", "project=cfg.wandb_project,", "project=None,",
+          (W + "test_report_to_project_tags_and_group_reach_the_trackers",)),
+    Break("--tags", "flowers/training.py", "tags=cfg.tags,", "tags=None,",
+          (W + "test_report_to_project_tags_and_group_reach_the_trackers",)),
+    Break("--group", "flowers/training.py", "group=cfg.group,", "group=None,",
+          (W + "test_report_to_project_tags_and_group_reach_the_trackers",)),
+    Break("--compile", "flowers/training.py", "project_dir=cfg.output_dir, compile=cfg.compile)",
+          "project_dir=cfg.output_dir, compile=False)", (W + "test_compile_asks_accelerate_for_torch_compile",)),
+    Break("--batch-size", "flowers/data.py", "train_transform(cfg.image_size), cfg.seed),\n                        cfg.batch_size,",
+          "train_transform(cfg.image_size), cfg.seed),\n                        32,",
+          (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
+    Break("--image-size", "flowers/data.py", "SeededAugmentation(splits.train, train_transform(cfg.image_size),",
+          "SeededAugmentation(splits.train, train_transform(224),",
+          (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
+    Break("--workers", "flowers/data.py", "workers = cfg.workers if cfg.workers >= 0 else", "workers = 0 if cfg.workers >= 0 else",
+          (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
+    Break("--pipeline", "flowers/data.py", "pipeline = resolve_pipeline(cfg.pipeline, device.type)",
+          "pipeline = resolve_pipeline('auto', device.type)",
+          (W + "test_pipeline_device_and_cache_resized_change_where_pixels_come_from",)),
+    Break("--recipe", "flowers/config.py", 'values = {**RECIPES.get(values.get("recipe") or "default", {}), **values}',
+          'values = {**RECIPES.get("default", {}), **values}',
+          (W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing",)),
+    Break("--config", "flowers/config.py", '        values.update(load_yaml(given["config"]))\n', "        pass\n",
+          (W + "test_a_config_file_sets_options_and_flags_win",)),
+]
+
+
+def run_break(b: Break) -> tuple[bool, str]:
+    path = REPO / b.file
+    original = path.read_text()
+    if original.count(b.old) != 1:
+        return False, f"snippet found {original.count(b.old)} times in {b.file}"
+    path.write_text(original.replace(b.old, b.new))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *b.tests],
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
+    finally:
+        path.write_text(original)
+    caught = proc.returncode != 0
+    failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in proc.stdout.splitlines()
+              if line.startswith(("FAILED", "ERROR"))]
+    return caught, ", ".join(t.split("::")[-1] for t in failed) or proc.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the breaks whose option contains this text")
+    args = parser.parse_args()
+    missed = 0
+    print("| option | break (file: old -> new) | caught by |\n|---|---|---|")
+    for b in BREAKS:
+        if args.only not in b.option:
+            continue
+        caught, detail = run_break(b)
+        missed += not caught
+        change = f"`{b.file}`: `{' '.join(b.old.split())[:60]}` -> `{' '.join(b.new.split())[:60]}`"
+        print(f"| {b.option} | {change} | {detail if caught else 'MISSED: ' + detail} |", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
