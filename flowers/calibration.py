@@ -215,3 +215,35 @@ def setting_mismatch(meta: dict, *, eval_size: int, tta: str) -> Optional[str]:
     return (f"note: the temperature {meta['temperature']:.3f} was fitted for TTA: {fitted.get('tta')}, "
             f"{fitted.get('eval_size')} px; applied to TTA: {tta}, {eval_size} px as well (its calibration is "
             "not measured there: eval.py --calibrate with this setting fits one for it)")
+
+
+def summarize(logits: np.ndarray, labels: np.ndarray, *, temperature: float = 1.0, bins: int = DEFAULT_BINS,
+              rounds: int = 1000, seed: int = 0, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> dict[str, Any]:
+    """Everything eval.py reports about calibration, as plain JSON values: the ECE (with its
+    bootstrap interval) of the raw and the temperature-scaled probabilities, the held-out estimate,
+    the reliability tables, how many predictions the temperature changed (none, see
+    scaled_probabilities), and the risk-coverage rows of the scaled probabilities."""
+    logits, labels = _check(logits, labels)
+    raw, scaled = scaled_probabilities(logits), scaled_probabilities(logits, temperature)
+    return {
+        "temperature": float(temperature), "bins": bins, "images": int(len(labels)),
+        "ece_uncalibrated": expected_calibration_error(raw, labels, bins=bins),
+        "ece_uncalibrated_interval": bootstrap_ece(raw, labels, bins=bins, rounds=rounds, seed=seed),
+        "ece": expected_calibration_error(scaled, labels, bins=bins),
+        "ece_interval": bootstrap_ece(scaled, labels, bins=bins, rounds=rounds, seed=seed),
+        "nll_uncalibrated": nll(logits, labels), "nll": nll(logits, labels, temperature=temperature),
+        "heldout": heldout_ece(logits, labels, bins=bins, seed=seed) if len(labels) >= 2 else None,
+        "predictions_changed": int((raw.argmax(axis=1) != scaled.argmax(axis=1)).sum()),
+        "reliability_uncalibrated": reliability_bins(raw, labels, bins=bins),
+        "reliability": reliability_bins(scaled, labels, bins=bins),
+        "risk_coverage": risk_coverage(scaled, labels, thresholds=thresholds),
+    }
+
+
+def record_temperature(folder, logits: np.ndarray, labels: np.ndarray, *, eval_size: int, tta: str,
+                       split: str) -> dict[str, Any]:
+    """Fit the temperature on these outputs and write it atomically into the checkpoint folder's
+    checkpoint.json (see fitted_record); returns the new metadata."""
+    from flowers.checkpoint import update_meta
+
+    return update_meta(folder, fitted_record(logits, labels, eval_size=eval_size, tta=tta, split=split))

@@ -176,9 +176,13 @@ class EvalConfig:
         "CPU), else no (fp32)", choices=["no", "fp16", "bf16"])
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
+    calibrate: bool = arg(False, "fit a temperature on these images (the validation split) for this --tta and "
+                          "--eval-size and write it into the checkpoint's checkpoint.json; eval and predict use it")
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:
+        check(not (self.calibrate and self.split == "train"),
+              "--calibrate fits the temperature on held-out images: use --split val (the default), not train")
         check(self.mixed_precision in (None, "no", "fp16", "bf16"),
               f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}")
         check(self.batch_size is None or self.batch_size >= 1,
@@ -221,6 +225,8 @@ class PredictConfig:
     batch_size: int = arg(32, "images per forward pass")
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
+    reject_below: Optional[float] = arg(None, "answer 'unknown' when the top probability (calibrated by the "
+                                        "checkpoint's temperature, if it has one) is below P, e.g. 0.8")
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win")
 
     def __post_init__(self) -> None:
@@ -229,6 +235,8 @@ class PredictConfig:
         check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         check(self.output is None or self.output.lower().endswith((".csv", ".json")),
               f"--output {self.output}: the file name must end in .csv or .json")
+        check(self.reject_below is None or 0 <= self.reject_below <= 1,
+              f"--reject-below must be a probability in [0, 1], got {self.reject_below}")
         check_tta(self.tta, self.eval_size)
 
 
