@@ -182,7 +182,8 @@ def calibration_lines(summary: dict, fitted: dict | None) -> str:
 
     def ece(key: str) -> str:
         low, high = summary[f"{key}_interval"]
-        return f"{summary[key]:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})"
+        below = " (above the estimate: the binned ECE of a resample is biased upwards)" if summary[key] < low else ""
+        return f"{summary[key]:.3f} (95% bootstrap interval {low:.3f}-{high:.3f}{below})"
 
     lines = [f"calibration (top label, {bins} equal-width bins, {n} images):",
              f"  ECE without a temperature: {ece('ece_uncalibrated')}"]
