@@ -194,14 +194,22 @@ def fitted_record(logits: np.ndarray, labels: np.ndarray, *, eval_size: int, tta
     """What a checkpoint's JSON records about its temperature: `temperature` (fitted on all of
     these images) and `calibration` (the evaluation setting it is valid for, the NLL and ECE
     before and after on these images, and the held-out estimate)."""
-    t = fit_temperature(logits, labels)
+    fitted = fit_temperature(logits, labels)
+    # At the lower bound the NLL was still falling: every image right with a margin, where the
+    # NLL-optimal T tends to 0 and would make every answer certain. Keep T = 1 and say so.
+    at_lower_bound = fitted <= TEMPERATURE_RANGE[0] * 1.01
+    t = 1.0 if at_lower_bound else fitted
     held = heldout_ece(logits, labels, bins=bins)
-    return {"temperature": t, "calibration": {
+    record = {"temperature": t, "calibration": {
         "eval_size": int(eval_size), "tta": tta, "fitted_on": split, "images": int(len(labels)),
-        "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, temperature=t),
+        "fitted": fitted, "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, temperature=t),
         "ece_before": expected_calibration_error(scaled_probabilities(logits), labels, bins=bins),
-        "ece_after_heldout": held["ece_after"], "ece_before_heldout": held["ece_before"],
-        "at_bound": not (TEMPERATURE_RANGE[0] * 1.01 < t < TEMPERATURE_RANGE[1] / 1.01)}}
+        "ece_after_heldout": held["ece_after"], "ece_before_heldout": held["ece_before"]}}
+    if at_lower_bound:
+        record["calibration"]["warning"] = (
+            f"the NLL keeps falling as T goes to 0 (the {len(labels)} images are all classified right with a "
+            "margin): no temperature can be fitted on them, T = 1 kept")
+    return record
 
 
 def setting_mismatch(meta: dict, *, eval_size: int, tta: str) -> Optional[str]:

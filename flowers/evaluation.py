@@ -151,6 +151,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             checkpoint.update_meta(ckpt_dir, record)
             accelerator.print(f"temperature {record['temperature']:.4f} fitted on {len(out.labels)} images "
                               f"({setting_label(cfg.tta, size)}) and written to {ckpt_dir / checkpoint.META_FILE}")
+            if "warning" in record["calibration"]:
+                accelerator.print(f"warning: {record['calibration']['warning']}")
         meta = {**meta, **record}
     mismatch = calibration.setting_mismatch(meta, eval_size=size, tta=cfg.tta)
     if mismatch:

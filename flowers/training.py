@@ -386,7 +386,8 @@ class Run:
                 fitted = meta["calibration"]
                 self.accelerator.print(
                     f"{name}/: temperature {meta['temperature']:.3f} fitted on the validation split; ECE "
-                    f"{fitted['ece_before_heldout']:.3f} -> {fitted['ece_after_heldout']:.3f} (held-out halves)")
+                    f"{fitted['ece_before_heldout']:.3f} -> {fitted['ece_after_heldout']:.3f} (held-out halves)"
+                    + (f"; warning: {fitted['warning']}" if "warning" in fitted else ""))
                 tracking.log_calibration(self.accelerator, name, result.epoch, out.scores, out.labels,
                                          meta["temperature"], self.progress.epoch)
 

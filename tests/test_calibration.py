@@ -94,3 +94,11 @@ def test_fitted_record_names_its_setting_and_a_mismatch_says_so():
     assert cal.setting_mismatch(meta, eval_size=64, tta="none") is None
     assert "fitted for TTA: none, 64 px" in cal.setting_mismatch(meta, eval_size=64, tta="flip")
     assert cal.setting_mismatch({}, eval_size=96, tta="flip") is None
+
+
+def test_a_perfectly_separated_set_keeps_t_1_and_says_why():
+    logits = np.eye(4, dtype=np.float32)[[0, 1, 2, 3] * 10] * 5  # every image right, by a margin
+    labels = np.array([0, 1, 2, 3] * 10)
+    assert cal.fit_temperature(logits, labels) == pytest.approx(cal.TEMPERATURE_RANGE[0], rel=0.01)
+    record = cal.fitted_record(logits, labels, eval_size=64, tta="none", split="val")
+    assert record["temperature"] == 1.0 and "no temperature can be fitted" in record["calibration"]["warning"]
