@@ -221,8 +221,8 @@ def setting_mismatch(meta: dict, *, eval_size: int, tta: str) -> Optional[str]:
     if int(fitted.get("eval_size", eval_size)) == eval_size and fitted.get("tta", "none") == tta:
         return None
     return (f"note: the temperature {meta['temperature']:.3f} was fitted for TTA: {fitted.get('tta')}, "
-            f"{fitted.get('eval_size')} px; applied to TTA: {tta}, {eval_size} px as well (its calibration is "
-            "not measured there: eval.py --calibrate with this setting fits one for it)")
+            f"{fitted.get('eval_size')} px; applied to TTA: {tta}, {eval_size} px as well, where it may fit less "
+            "well (eval.py --calibrate with this setting fits one for it)")
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, *, temperature: float = 1.0, bins: int = DEFAULT_BINS,
