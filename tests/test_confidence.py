@@ -124,9 +124,8 @@ def _predicted(report_dir: Path) -> dict[str, str]:
 def test_eval_calibrate_writes_the_temperature_and_keeps_every_prediction(trained_run, tmp_path):
     ckpt = tmp_path / "best"
     shutil.copytree(trained_run["ckpt"], ckpt)
-    checkpoint.update_meta(ckpt, {"temperature": None})  # as training wrote it, minus its temperature
-    meta = checkpoint.load_meta(ckpt)
-    meta.pop("temperature"), meta.pop("calibration", None)
+    meta = checkpoint.load_meta(ckpt)  # as training wrote it, minus its temperature: an older checkpoint
+    meta.pop("temperature"), meta.pop("calibration")
     (ckpt / checkpoint.META_FILE).write_text(json.dumps(meta))
 
     stdout, before, before_dir = _eval(ckpt)
