@@ -76,8 +76,6 @@ def setting_label(tta: str, size: int) -> str:
     return f"TTA: {tta}, {size} px"
 
 
-
-
 def _write_predictions(path: Path, files: list[str], out: EvalOutput, probs: np.ndarray,
                        class_names: list[str]) -> None:
     """One row per image (none when `files` is empty)."""

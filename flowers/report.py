@@ -196,7 +196,8 @@ def calibration_lines(summary: dict, fitted: dict | None) -> str:
         lines.append("  the checkpoint has no temperature (T = 1): eval.py --calibrate fits one on this split")
     else:
         lines.append(f"  the checkpoint's temperature {t:.3f} (fitted on {fitted.get('fitted_on')}, "
-                     f"{fitted.get('images')} images, TTA: {fitted.get('tta')}, {fitted.get('eval_size')} px): ECE {ece('ece')}, "
+                     f"{fitted.get('images')} images, TTA: {fitted.get('tta')}, {fitted.get('eval_size')} px): "
+                     f"ECE {ece('ece')}, "
                      f"NLL {summary['nll_uncalibrated']:.4f} -> {summary['nll']:.4f}; "
                      f"predictions changed: {summary['predictions_changed']}")
     lines.append(f"risk-coverage (answer only when the {'calibrated ' if fitted else ''}top probability >= P):")
