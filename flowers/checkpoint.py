@@ -214,3 +214,23 @@ def check_pickles_hold_only_data(folder: Path) -> None:
                             "run on loading); resume only from training states you trust") from None
         except Exception as e:
             raise UserError(f"{path}: not a loadable training state ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def update_meta(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
+    """Merge `changes` into a checkpoint's checkpoint.json atomically (a synced temporary file
+    renamed over it: a kill leaves the old JSON or the new one), e.g. a fitted temperature.
+    Returns the new metadata; a failed write raises one UserError and leaves the old file."""
+    path = Path(path)
+    meta = {**load_meta(path), **changes}
+    target = path / META_FILE
+    tmp = path / f".{META_FILE}.tmp-{os.getpid()}"
+    try:
+        _write_synced(tmp, json.dumps(meta, indent=2, default=str).encode())
+        os.chmod(tmp, target.stat().st_mode & 0o777)
+        os.replace(tmp, target)
+        _fsync_dir(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        raise UserError(f"cannot update {target} ({reason}); the previous one is kept") from None
+    return meta

@@ -302,11 +302,15 @@ class EvalConfig:
         "CPU), else no (fp32)", choices=["no", "fp16", "bf16"])
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
+    calibrate: bool = arg(False, "fit a temperature on these images (the validation split) for this --tta and "
+                          "--eval-size and write it into the checkpoint's checkpoint.json; eval and predict use it")
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
                                 valid=PATH)
 
     def __post_init__(self) -> None:
         check_values(self)
+        check(not (self.calibrate and self.split == "train"),
+              "--calibrate fits the temperature on held-out images: use --split val (the default), not train")
         check_output_dir(self.output_dir)
 
 
@@ -332,6 +336,9 @@ class PredictConfig:
     batch_size: int = arg(32, "images per forward pass", valid=span("[1, inf)"))
     tta: str = tta_arg()
     eval_size: Optional[int] = eval_size_arg()
+    reject_below: Optional[float] = arg(None, "answer 'unknown' when the top probability (calibrated by the "
+                                        "checkpoint's temperature, if it has one) is below P, e.g. 0.8",
+                                        valid=span("[0, 1]"))
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
                                 valid=PATH)
 

@@ -2,7 +2,9 @@
 
 Every process evaluates its shard; the gathered scores are in dataset order on the main process,
 which computes the metrics and writes `<run>/eval-<ckpt>-<split>/`: results.json,
-predictions.csv, confusion_matrix.png and mistakes.png.
+predictions.csv, confusion_matrix.png, mistakes.png, reliability.png and risk_coverage.png.
+The probabilities reported are softmax(scores / T) with the checkpoint's temperature T
+(1 when it has none); `--calibrate` first fits T on the evaluated images and records it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Image, concatenate_datasets
 
-from flowers import checkpoint, report
+from flowers import calibration, checkpoint, report
 from flowers.config import EvalConfig
 from flowers.data import (AUTO, LoaderOptions, default_workers, full_dataset, image_paths, load_splits, make_loader,
                           with_transform)
@@ -74,10 +76,6 @@ def is_plain(cfg: EvalConfig, meta: dict) -> bool:
 def setting_label(tta: str, size: int) -> str:
     """How a result's evaluation setting is labelled in tables and titles, e.g. "TTA: flip, 160 px"."""
     return f"TTA: {tta}, {size} px"
-
-
-def _probabilities(scores: np.ndarray) -> np.ndarray:
-    return torch.softmax(torch.from_numpy(scores).double(), dim=1).numpy()
 
 
 def _write_predictions(path: Path, files: list[str], out: EvalOutput, probs: np.ndarray,
@@ -148,11 +146,25 @@ def run_eval(cfg: EvalConfig) -> dict:
     model, loader = accelerator.prepare(model, loader)
     out = evaluate(accelerator, model, loader, desc=f"eval {split}", channels_last=channels_last, tta=cfg.tta)
     metrics = compute_metrics(out.scores, out.labels, len(class_names), top_k=cfg.top_k, losses=out.losses)
+    if cfg.calibrate:  # every process holds the gathered scores; one writes
+        record = calibration.fitted_record(out.scores, out.labels, eval_size=size, tta=cfg.tta, split=split)
+        if accelerator.is_main_process:
+            checkpoint.update_meta(ckpt_dir, record)
+            accelerator.print(f"temperature {record['temperature']:.4f} fitted on {len(out.labels)} images "
+                              f"({setting_label(cfg.tta, size)}) and written to {ckpt_dir / checkpoint.META_FILE}")
+            if "warning" in record["calibration"]:
+                accelerator.print(f"warning: {record['calibration']['warning']}")
+        meta = {**meta, **record}
+    mismatch = calibration.setting_mismatch(meta, eval_size=size, tta=cfg.tta)
+    if mismatch:
+        accelerator.print(mismatch)
     result = {"checkpoint": str(ckpt_dir), "data": source, "split": split, "epoch": meta.get("epoch"),
               "class_names": class_names, "processes": accelerator.num_processes,
               "mixed_precision": accelerator.mixed_precision, "tta": cfg.tta, "eval_size": size,
               "seconds": out.seconds, "images_per_s": len(out.labels) / out.seconds if out.seconds else None,
-              "metrics": metrics}
+              "metrics": metrics,
+              "calibration": {**calibration.summarize(out.scores, out.labels, temperature=meta.get("temperature", 1.0)),
+                              "fitted": meta.get("calibration") if "temperature" in meta else None}}
 
     report_dir = _report_dir(ckpt_dir, cfg, split, meta)
     if accelerator.is_main_process:
@@ -166,7 +178,7 @@ def _write_report(report_dir: Path, result: dict, dataset: Dataset, out: EvalOut
                   cfg: EvalConfig) -> None:
     metrics, class_names, split = result["metrics"], result["class_names"], result["split"]
     files = [path or f"#{i}" for i, path in enumerate(image_paths(dataset))]
-    probs = _probabilities(out.scores)
+    probs = calibration.scaled_probabilities(out.scores, result["calibration"]["temperature"])
     labels = np.asarray(dataset.select_columns("label")[:]["label"])
     in_order = len(labels) == len(out.labels) and np.array_equal(labels, out.labels)
     if not in_order:  # an image that stopped decoding was dropped from its batch: rows no longer line up
@@ -180,10 +192,12 @@ def _write_report(report_dir: Path, result: dict, dataset: Dataset, out: EvalOut
     title = f"{split} ({label}): {metrics['num_samples']} images, accuracy {metrics['accuracy']:.1%}"
     report.plot_confusion(metrics["confusion_matrix"], class_names, title, report_dir / "confusion_matrix.png")
     _plot_mistakes(dataset, result["mistakes"], f"most confidently wrong ({split})", report_dir / "mistakes.png")
+    _plot_calibration(report_dir, result, out, probs, label)
 
     print(f"checkpoint: {result['checkpoint']} (epoch {result['epoch']})  data: {result['data']} ({split})")
     print(label)
     print(report.metrics_table(metrics, class_names))
+    print(report.calibration_lines(result["calibration"], result["calibration"]["fitted"]))
     print(f"{metrics['num_samples']} images in {result['seconds']:.1f}s ({result['images_per_s']:.1f} img/s, "
           f"{result['processes']} process(es))")
     recorded = meta.get("metrics", {}).get("val_accuracy")
@@ -194,6 +208,19 @@ def _write_report(report_dir: Path, result: dict, dataset: Dataset, out: EvalOut
         else:
             print(f"accuracy with {label}: {metrics['accuracy']:.2%}; the accuracy recorded at training time, "
                   f"{recorded:.2%}, is for plain evaluation at {meta['image_size']} px")
+
+
+def _plot_calibration(report_dir: Path, result: dict, out: EvalOutput, probs: np.ndarray, label: str) -> None:
+    """reliability.png (before, and after the checkpoint's temperature) and risk_coverage.png."""
+    cal, split = result["calibration"], result["split"]
+    t = cal["temperature"]
+    scaled = cal["reliability"] if t != 1.0 else None
+    title = (f"{split} ({label}): ECE {cal['ece_uncalibrated']:.3f}"
+             + (f", {cal['ece']:.3f} at T = {t:.2f}" if scaled else ""))
+    report.plot_reliability(cal["reliability_uncalibrated"], title, report_dir / "reliability.png", scaled=scaled)
+    coverage, accuracy = calibration.risk_coverage_curve(probs, out.labels)
+    report.plot_risk_coverage(coverage, accuracy, cal["risk_coverage"], f"{split} ({label}), T = {t:.2f}",
+                              report_dir / "risk_coverage.png")
 
 
 def _recorded_precision(meta: dict) -> str:

@@ -5,6 +5,8 @@
 Writes the model and a copy of checkpoint.json (class names, image size, normalisation) into
 `<run>/export-<ckpt>/`, checks that the exported model gives the same top-1 class as PyTorch,
 and prints the model's path last. Inputs: float32 NCHW images, normalised as in the JSON.
+The exported model returns logits; the JSON's `temperature` (when eval.py --calibrate or training
+fitted one) turns them into calibrated probabilities: `probabilities(logits, folder)`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def load_exported(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run_torchscript
 
 
+def probabilities(logits: np.ndarray, folder: Path) -> np.ndarray:
+    """Calibrated class probabilities (N, C) from an exported model's logits: softmax(logits / T) with
+    the temperature in the export folder's checkpoint.json (1 when it has none)."""
+    from flowers.calibration import scaled_probabilities
+
+    return scaled_probabilities(logits, checkpoint.load_meta(Path(folder)).get("temperature", 1.0))
+
+
 def export(cfg: ExportConfig) -> Path:
     ckpt_dir = checkpoint.resolve(cfg.ckpt, cfg.output_dir)
     model, meta = load_model(ckpt_dir)
@@ -86,6 +96,9 @@ def export(cfg: ExportConfig) -> Path:
           f"same top-1: {'yes' if same_top1 else 'NO'}")
     if not same_top1:  # possible on near-tied logits; a real export bug shows large differences
         print(f"warning: the exported model's top-1 differs from PyTorch's on random inputs; check {path}")
+    if "temperature" in meta:
+        print(f"calibrated probabilities: softmax(logits / {meta['temperature']:.4f}) (temperature in "
+              f"{out_dir / checkpoint.META_FILE}; flowers.export.probabilities does it)")
     print(f"exported to {path}")
     return path
 

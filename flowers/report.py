@@ -115,3 +115,94 @@ def plot_learning_curves(curves: dict[str, dict[str, list[float]]], path: Path,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_reliability(table: dict, title: str, path: Path, *, scaled: dict | None = None) -> Path:
+    """Reliability diagram: accuracy against confidence per equal-width bin (bars; the diagonal is
+    perfect calibration), the bin counts below; `scaled`, the same table after temperature scaling,
+    drawn as a line with dots. Tables as calibration.reliability_bins returns them."""
+    plt = _pyplot()
+    edges = np.asarray(table["edges"])
+    width, centres = np.diff(edges), (edges[:-1] + edges[1:]) / 2
+    fig, (ax, count_ax) = plt.subplots(2, 1, figsize=(6, 6.6), dpi=110, sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1]})
+    accuracy = [a if a is not None else 0.0 for a in table["accuracy"]]
+    ax.bar(centres, accuracy, width=width, edgecolor="black", color="tab:blue", alpha=0.7, label="accuracy")
+    confidence = [(c, a) for c, a in zip(table["confidence"], table["accuracy"]) if c is not None]
+    ax.plot([c for c, _ in confidence], [a for _, a in confidence], "o", color="tab:blue", ms=3)
+    if scaled is not None:
+        points = [(c, a) for c, a in zip(scaled["confidence"], scaled["accuracy"]) if c is not None]
+        ax.plot([c for c, _ in points], [a for _, a in points], "o-", color="tab:orange",
+                label="after temperature scaling")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    count_ax.bar(centres, table["count"], width=width, edgecolor="black", color="tab:grey")
+    if scaled is not None:
+        count_ax.step(edges, [*scaled["count"], scaled["count"][-1]], where="post", color="tab:orange")
+    count_ax.set_xlabel("confidence (top probability)")
+    count_ax.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_risk_coverage(coverage: np.ndarray, accuracy: np.ndarray, rows: list[dict], title: str,
+                       path: Path) -> Path:
+    """Accuracy of the answers kept against coverage as the rejection threshold rises; the
+    thresholds of the table (calibration.risk_coverage rows) marked on the curve."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.4), dpi=110)
+    ax.plot(100 * np.asarray(coverage), 100 * np.asarray(accuracy), color="tab:blue")
+    for row in rows:
+        if row["answered"]:
+            ax.plot(100 * row["coverage"], 100 * row["accuracy"], "o", color="tab:red", ms=4)
+            ax.annotate(f"{row['threshold']:g}", (100 * row["coverage"], 100 * row["accuracy"]), fontsize=8,
+                        textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("coverage: images answered (%)")
+    ax.set_ylabel("accuracy of the answered (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def calibration_lines(summary: dict, fitted: dict | None) -> str:
+    """The printed calibration report: ECE before and after (held out), the temperature in use and
+    what it was fitted for, and the risk-coverage table (calibration.summarize's dict; `fitted`: the
+    checkpoint's meta["calibration"], None when it has no temperature)."""
+    bins, n, t = summary["bins"], summary["images"], summary["temperature"]
+
+    def ece(key: str) -> str:
+        low, high = summary[f"{key}_interval"]
+        below = " (above the estimate: the binned ECE of a resample is biased upwards)" if summary[key] < low else ""
+        return f"{summary[key]:.3f} (95% bootstrap interval {low:.3f}-{high:.3f}{below})"
+
+    lines = [f"calibration (top label, {bins} equal-width bins, {n} images):",
+             f"  ECE without a temperature: {ece('ece_uncalibrated')}"]
+    held = summary["heldout"]
+    if held:
+        lines.append(f"  ECE after temperature scaling, held out (fitted on one half, measured on the other, both "
+                     f"ways): {held['ece_before']:.3f} -> {held['ece_after']:.3f} "
+                     f"(T {held['temperatures'][0]:.3f} / {held['temperatures'][1]:.3f})")
+    if fitted is None:
+        lines.append("  the checkpoint has no temperature (T = 1): eval.py --calibrate fits one on this split")
+    else:
+        lines.append(f"  the checkpoint's temperature {t:.3f} (fitted on {fitted.get('fitted_on')}, "
+                     f"{fitted.get('images')} images, TTA: {fitted.get('tta')}, {fitted.get('eval_size')} px): "
+                     f"ECE {ece('ece')}, "
+                     f"NLL {summary['nll_uncalibrated']:.4f} -> {summary['nll']:.4f}; "
+                     f"predictions changed: {summary['predictions_changed']}")
+    lines.append(f"risk-coverage (answer only when the {'calibrated ' if fitted else ''}top probability >= P):")
+    lines.append("     P  answered  coverage  accuracy")
+    for row in summary["risk_coverage"]:
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+        lines.append(f"  {row['threshold']:4.2f}  {row['answered']:8d}  {row['coverage']:8.1%}  {accuracy:>8}")
+    return "\n".join(lines)

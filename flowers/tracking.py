@@ -180,6 +180,39 @@ def log_epoch(accelerator: Accelerator, epoch: int, metrics: dict[str, float]) -
     accelerator.log({"epoch": epoch, **metrics}, step=epoch)
 
 
+def log_calibration(accelerator: Accelerator, name: str, epoch: int, scores: np.ndarray, labels: np.ndarray,
+                    temperature: float, step: int) -> None:
+    """A checkpoint's calibration at the end of training, to every tracker (at `step`, the last
+    epoch): `<name>/ece` with its bootstrap interval, the held-out ECE after scaling, the
+    temperature, and the reliability diagram (before and after scaling)."""
+    import tempfile
+
+    from PIL import Image
+
+    from flowers import calibration, report
+
+    if not accelerator.trackers:
+        return
+    summary = calibration.summarize(scores, labels, temperature=temperature)
+    low, high = summary["ece_uncalibrated_interval"]
+    values = {f"{name}/ece": summary["ece_uncalibrated"], f"{name}/ece_low": low, f"{name}/ece_high": high,
+              f"{name}/ece_scaled_heldout": summary["heldout"]["ece_after"], f"{name}/temperature": temperature}
+    accelerator.log(values, step=step)
+    with tempfile.TemporaryDirectory() as folder:
+        path = report.plot_reliability(
+            summary["reliability_uncalibrated"], f"{name}/ (epoch {epoch}): ECE {summary['ece_uncalibrated']:.3f}, "
+            f"{summary['ece']:.3f} at T = {temperature:.2f}", Path(folder) / "reliability.png",
+            scaled=summary["reliability"])
+        with Image.open(path) as image:
+            picture = np.asarray(image.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+            tracker.tracker.log({f"{name}/reliability": wandb.Image(picture)}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.tracker.add_image(f"{name}/reliability", picture, global_step=step, dataformats="HWC")
+
+
 def write_summary_row(path: Path, row: dict[str, Any]) -> None:
     """Append `row`; rows of this epoch or later (left by an interrupted run) are replaced."""
     rows = []

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
-from flowers import checkpoint, tracking
+from flowers import calibration, checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
 from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_splits, resolve_data, resolve_pipeline
 from flowers.datacheck import warn_about_data
@@ -188,6 +188,7 @@ class EpochResult:
     ema_is_best: bool           # the same for the EMA weights: saved as ema/
     ema_metrics: Optional[dict[str, Any]]  # ema/'s metrics: the epoch's, with the EMA weights' validation
     should_stop: bool           # early stopping says stop
+    ema_outputs: Optional[EvalOutput] = None  # the EMA's validation outputs (with --ema-decay)
 
 
 def _summary_line(result: EpochResult, epochs: int) -> str:
@@ -225,6 +226,7 @@ class Run:
     stop: StopOnSignal = field(default_factory=StopOnSignal)
     last_batch: int = -1        # the index of the current epoch's last batch
     best_result: Optional[EpochResult] = None  # this launch's best epoch
+    best_ema_result: Optional[EpochResult] = None  # this launch's best epoch of the EMA
     last_result: Optional[EpochResult] = None
 
     @classmethod
@@ -341,7 +343,7 @@ class Run:
             "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
             "train_samples": train.samples,
         }
-        ema_is_best, ema_metrics = False, None
+        ema_is_best, ema_metrics, ema_out = False, None, None
         if self.ema is not None:
             ema_out = evaluate(self.accelerator, self.ema.module, self.val_loader, desc="validate ema",
                                channels_last=cfg.channels_last)
@@ -355,7 +357,7 @@ class Run:
         is_best = val["accuracy"] > progress.best_accuracy
         progress.best_accuracy = max(progress.best_accuracy, val["accuracy"])
         return EpochResult(epoch, train, out, val, metrics, is_best, ema_is_best, ema_metrics,
-                           should_stop=self.stopper.step(val["accuracy"]))
+                           should_stop=self.stopper.step(val["accuracy"]), ema_outputs=ema_out)
 
     def save_epoch(self, result: EpochResult) -> None:
         """Record the finished epoch: its row in history.jsonl and summary.csv, best/ and ema/ when
@@ -387,6 +389,8 @@ class Run:
         self.last_result = result
         if result.is_best:
             self.best_result = result
+        if result.ema_is_best:
+            self.best_ema_result = result
         tracking.log_epoch(self.accelerator, result.epoch, result.metrics)
         line = _summary_line(result, self.cfg.epochs)
         if self.ema is not None:
@@ -411,12 +415,35 @@ class Run:
         shown, splits = self.best_result or self.last_result, self.splits
         outputs = tracking.ValidationOutputs(shown.epoch, shown.outputs.scores, shown.outputs.labels,
                                              splits.class_names, splits.val)
+        self.calibrate()
         tracking.finish(self.accelerator, self.run_dir, outputs, self.progress.epoch)
         self.accelerator.print(f"best val_acc {self.progress.best_accuracy:.2%}; checkpoints in {self.run_dir}/ "
                                f"(evaluate: python eval.py --ckpt best --output-dir {self.cfg.output_dir})")
         if splits.skipped:
             self.accelerator.print(f"warning: {len(splits.skipped)} unusable image file(s) were skipped "
                                    "(listed at the start)")
+
+    def calibrate(self) -> None:
+        """At the end: fit the temperature of best/ (and ema/) on the validation outputs of the epoch
+        it was saved at, write it into its checkpoint.json, and log the ECE before and after (held
+        out) and the reliability diagram. A checkpoint saved before a resume is left to eval.py --calibrate."""
+        for name, result in (("best", self.best_result), ("ema", self.best_ema_result)):
+            out = None if result is None else result.outputs if name == "best" else result.ema_outputs
+            if out is None:
+                if name == "best" or self.ema is not None:
+                    self.accelerator.print(f"{name}/ was saved before this launch: fit its temperature with "
+                                           f"python eval.py --ckpt {self.run_dir / name} --calibrate")
+                continue
+            if self.accelerator.is_main_process:
+                meta = calibration.record_temperature(self.run_dir / name, out.scores, out.labels,
+                                                      eval_size=self.cfg.image_size, tta="none", split="val")
+                fitted = meta["calibration"]
+                self.accelerator.print(
+                    f"{name}/: temperature {meta['temperature']:.3f} fitted on the validation split; ECE "
+                    f"{fitted['ece_before_heldout']:.3f} -> {fitted['ece_after_heldout']:.3f} (held-out halves)"
+                    + (f"; warning: {fitted['warning']}" if "warning" in fitted else ""))
+                tracking.log_calibration(self.accelerator, name, result.epoch, out.scores, out.labels,
+                                         meta["temperature"], self.progress.epoch)
 
     def plain_model(self) -> nn.Module:
         """The model without its DDP and torch.compile wrappers: the keys every checkpoint holds."""

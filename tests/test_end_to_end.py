@@ -58,6 +58,11 @@ def test_training_writes_best_and_last_with_self_contained_metadata(single_run):
     assert ema["metrics"]["weights"] == "ema"
     assert ema["metrics"]["val_accuracy"] == history[ema["epoch"] - 1]["ema_val_accuracy"]
     assert meta["environment"]["torch_threads"] == len(os.sched_getaffinity(0))  # all cores
+    # the end of training fitted best/'s temperature on the 8 validation images, plain at 32 px
+    assert meta["temperature"] > 0 and "held-out halves" in proc.stdout
+    assert {k: meta["calibration"][k] for k in ("eval_size", "tta", "fitted_on", "images")} == {
+        "eval_size": 32, "tta": "none", "fitted_on": "val", "images": 8}
+    assert meta["calibration"]["nll_after"] <= meta["calibration"]["nll_before"] + 1e-9
 
 
 def test_eval_best_reproduces_the_recorded_accuracy(single_run):
@@ -70,6 +75,14 @@ def test_eval_best_reproduces_the_recorded_accuracy(single_run):
     assert result["metrics"]["loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=1e-5)
     assert result["metrics"]["num_samples"] == 8
     assert proc.stdout.strip().splitlines()[-1].endswith("eval-best-val")
+    # calibration: the checkpoint's temperature in use, the ECE before/after, risk-coverage
+    calibration = result["calibration"]
+    assert calibration["temperature"] == meta["temperature"] and calibration["predictions_changed"] == 0
+    assert f"the checkpoint's temperature {meta['temperature']:.3f}" in proc.stdout
+    assert "ECE without a temperature" in proc.stdout and "risk-coverage" in proc.stdout
+    assert sum(calibration["reliability"]["count"]) == 8 and calibration["risk_coverage"][0]["threshold"] == 0.5
+    report_dir = tmp / proc.stdout.strip().splitlines()[-1].removeprefix("results written to ")
+    assert (report_dir / "reliability.png").is_file() and (report_dir / "risk_coverage.png").is_file()
 
 
 @pytest.mark.slow

@@ -95,6 +95,11 @@ def test_export_round_trip_gives_the_same_top1_as_pytorch(trained_run, tmp_path,
     got = load_exported(path)(batch.numpy())
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # still logits; the folder's checkpoint.json carries the temperature training fitted
+    from flowers.export import probabilities
+    assert meta["temperature"] > 0 and "calibrated probabilities: softmax(logits / " in proc.stdout
+    calibrated = torch.softmax(torch.from_numpy(got).double() / meta["temperature"], dim=1).numpy()
+    np.testing.assert_allclose(probabilities(got, tmp_path / "exported"), calibrated, rtol=1e-9)
 
 
 def test_predict_with_a_checkpoint_missing_its_weights_is_one_line(trained_run, tmp_path):

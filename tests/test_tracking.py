@@ -231,3 +231,19 @@ def test_sweep_files_set_only_real_flags():
         for name, spec in sweep["parameters"].items():
             for value in spec.get("values", [spec.get("value")]):
                 parse(TrainConfig, [f"--{name.replace('_', '-')}={value}"])  # what `wandb agent` passes
+
+
+@pytest.mark.slow
+def test_the_end_of_training_logs_best_checkpoint_calibration_to_both_trackers(no_key_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    meta = json.loads((no_key_run["run_dir"] / "best" / "checkpoint.json").read_text())
+    logged = {k: v for row in no_key_run["run"].history for k, v in row.items() if k.startswith("best/")}
+    assert logged["best/temperature"] == pytest.approx(meta["temperature"])
+    assert logged["best/ece_low"] <= logged["best/ece_high"] and 0 <= logged["best/ece"] <= 1
+    assert logged["best/ece_scaled_heldout"] == pytest.approx(meta["calibration"]["ece_after_heldout"])
+    assert logged["best/reliability"]["_type"] == "image-file"
+    events = EventAccumulator(str(no_key_run["run_dir"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert "best/reliability" in events.Tags()["images"]
+    assert events.Scalars("best/temperature")[0].value == pytest.approx(meta["temperature"])
