@@ -97,8 +97,8 @@ def test_update_meta_replaces_checkpoint_json_whole_and_keeps_the_rest(known_log
 
 
 @pytest.mark.parametrize("cls, args, message", [
-    (PredictConfig, ["x.jpg", "--reject-below", "1.5"], "--reject-below must be a probability in [0, 1], got 1.5"),
-    (PredictConfig, ["x.jpg", "--reject-below", "nan"], "--reject-below must be a probability"),
+    (PredictConfig, ["x.jpg", "--reject-below", "1.5"], "--reject-below must be in [0, 1], got 1.5"),
+    (PredictConfig, ["x.jpg", "--reject-below", "nan"], "--reject-below must be in [0, 1], got nan"),
     (EvalConfig, ["--calibrate", "--split", "train"], "--calibrate fits the temperature on held-out images"),
 ])
 def test_new_options_are_checked(cls, args, message):
@@ -109,7 +109,7 @@ def test_new_options_are_checked(cls, args, message):
 def test_a_bad_reject_below_is_one_error_line_and_exit_2(tmp_path):
     proc = run_cli("python", "-m", "flowers.predict", "--reject-below", "2", str(tmp_path), check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --reject-below must be a probability in [0, 1], got 2.0"]
+    assert proc.stderr.strip().splitlines() == ["error: --reject-below must be in [0, 1], got 2.0"]
 
 
 def _eval(ckpt: Path, *args: str) -> tuple[str, dict, Path]:
