@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 W = "tests/test_wiring.py::"
+C = "tests/test_wiring_commands.py::"
 
 
 @dataclass
@@ -148,6 +149,75 @@ BREAKS = [
           (W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing",)),
     Break("--config", "flowers/config.py", '        values.update(load_yaml(given["config"]))\n', "        pass\n",
           (W + "test_a_config_file_sets_options_and_flags_win",)),
+    # ---- eval.py ----
+    Break("eval --ckpt", "flowers/evaluation.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
+          "checkpoint.resolve('best', cfg.output_dir)", (C + "test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers",)),
+    Break("eval --output-dir", "flowers/evaluation.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
+          "checkpoint.resolve(cfg.ckpt, 'outputs')", (C + "test_eval_output_dir_names_where_the_runs_are",)),
+    Break("eval --data", "flowers/evaluation.py", "    source = cfg.data or data[\"source\"]", "    source = data[\"source\"]",
+          (C + "test_eval_data_and_strict_evaluate_another_folder",)),
+    Break("eval --split", "flowers/evaluation.py", "split = cfg.split or (", "split = None or (",
+          (C + "test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers",)),
+    Break("eval --strict", "flowers/evaluation.py", "dataset, names = full_dataset(cfg.data, cfg.strict)",
+          "dataset, names = full_dataset(cfg.data, False)", (C + "test_eval_data_and_strict_evaluate_another_folder",)),
+    Break("eval --batch-size", "flowers/evaluation.py", "cfg.batch_size or int(train_cfg", "None or int(train_cfg",
+          (C + "test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers",)),
+    Break("eval --workers", "flowers/evaluation.py", "workers = cfg.workers if cfg.workers >= 0 else",
+          "workers = 0 if cfg.workers >= 0 else", (C + "test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers",)),
+    Break("eval --top-k", "flowers/evaluation.py", "top_k=cfg.top_k, losses=out.losses", "top_k=2, losses=out.losses",
+          (C + "test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers",)),
+    Break("eval --mistakes", "flowers/evaluation.py", "class_names, cfg.mistakes)", "class_names, 16)",
+          (C + "test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers",)),
+    Break("eval --mixed-precision", "flowers/evaluation.py", "    if cfg.mixed_precision:\n        return cfg.mixed_precision",
+          "    if None:\n        return cfg.mixed_precision", (C + "test_eval_tta_eval_size_and_precision_change_the_forward_pass",)),
+    Break("eval --tta", "flowers/evaluation.py", "channels_last=channels_last, tta=cfg.tta)",
+          "channels_last=channels_last, tta='none')", (C + "test_eval_tta_eval_size_and_precision_change_the_forward_pass",)),
+    Break("eval --eval-size", "flowers/evaluation.py", "    return cfg.eval_size or int(meta[\"image_size\"])",
+          "    return None or int(meta[\"image_size\"])", (C + "test_eval_tta_eval_size_and_precision_change_the_forward_pass",)),
+    Break("eval --calibrate", "flowers/evaluation.py", "    if cfg.calibrate:", "    if False:",
+          (C + "test_eval_calibrate_writes_the_temperature_into_the_checkpoint",)),
+    # ---- predict ----
+    Break("predict IMAGE_OR_FOLDER", "flowers/predict.py", "_batches(list(collect_inputs(cfg.inputs)), cfg.batch_size)",
+          "_batches(list(collect_inputs([])), cfg.batch_size)", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
+    Break("predict --ckpt", "flowers/predict.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
+          "checkpoint.resolve('best', cfg.output_dir)", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
+    Break("predict --output-dir", "flowers/predict.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
+          "checkpoint.resolve(cfg.ckpt, 'outputs')", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
+    Break("predict --top-k", "flowers/predict.py", "k = min(cfg.top_k, len(class_names))", "k = min(2, len(class_names))",
+          (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
+    Break("predict --batch-size", "flowers/predict.py", "_batches(list(collect_inputs(cfg.inputs)), cfg.batch_size)",
+          "_batches(list(collect_inputs(cfg.inputs)), 32)", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
+    Break("predict --tta", "flowers/predict.py", "torch.stack(tensors).to(device), cfg.tta)",
+          "torch.stack(tensors).to(device), 'none')", (C + "test_predict_tta_and_eval_size_change_the_probabilities",)),
+    Break("predict --eval-size", "flowers/predict.py", "size = cfg.eval_size or", "size = None or",
+          (C + "test_predict_tta_and_eval_size_change_the_probabilities",)),
+    Break("predict --reject-below", "flowers/predict.py", "prediction.answer = answer(prediction.top, cfg.reject_below)",
+          "prediction.answer = answer(prediction.top, None)", (C + "test_predict_reject_below_and_output",)),
+    Break("predict --output", "flowers/predict.py", "    if cfg.output:", "    if None:",
+          (C + "test_predict_reject_below_and_output",)),
+    # ---- export ----
+    Break("export --ckpt", "flowers/export.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
+          "checkpoint.resolve('best', cfg.output_dir)", (C + "test_export_format_out_and_checkpoint",)),
+    Break("export --output-dir", "flowers/export.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
+          "checkpoint.resolve(cfg.ckpt, 'outputs')", (C + "test_export_format_out_and_checkpoint",)),
+    Break("export --format", "flowers/export.py", "path = out_dir / FILE_NAMES[cfg.format]", "path = out_dir / FILE_NAMES['onnx']",
+          (C + "test_export_format_out_and_checkpoint",)),
+    Break("export --out", "flowers/export.py", "out_dir = Path(cfg.out) if cfg.out else", "out_dir = Path(cfg.out) if None else",
+          (C + "test_export_format_out_and_checkpoint",)),
+    # ---- compare ----
+    Break("compare --group", "flowers/compare.py", "runs = find_runs(cfg.output_dir, cfg.group)",
+          "runs = find_runs(cfg.output_dir, 'None')", (C + "test_compare_group_output_dir_out_and_the_chain_of_stages",)),
+    Break("compare --output-dir", "flowers/compare.py", "runs = find_runs(cfg.output_dir, cfg.group)",
+          "runs = find_runs('outputs', cfg.group)", (C + "test_compare_group_output_dir_out_and_the_chain_of_stages",)),
+    Break("compare --out", "flowers/compare.py", "return Path(cfg.out) if cfg.out else", "return Path(cfg.out) if None else",
+          (C + "test_compare_group_output_dir_out_and_the_chain_of_stages",)),
+    Break("compare (a chain of 3 stages)", "flowers/compare.py",
+          "return offset(parent, seen | {parent.name}) + int(init.get(\"epoch\") or 0)", "return int(init.get(\"epoch\") or 0)",
+          (C + "test_compare_group_output_dir_out_and_the_chain_of_stages",)),
+    Break("compare --wandb-entity", "flowers/compare.py", "entity = cfg.wandb_entity or", "entity = None or",
+          (C + "test_compare_wandb_entity_and_project_reach_the_report",)),
+    Break("compare --wandb-project", "flowers/compare.py", "return cfg.wandb_project or project_name(",
+          "return None or project_name(", (C + "test_compare_wandb_entity_and_project_reach_the_report",)),
 ]
 
 
