@@ -60,7 +60,7 @@ def test_eval_checkpoint_split_top_k_mistakes_batch_size_and_workers(evaluate_wi
 
 
 def test_eval_output_dir_names_where_the_runs_are(evaluate_with, tmp_path):
-    with pytest.raises(UserError, match="no runs with a 'best' checkpoint"):
+    with pytest.raises(UserError, match=f"no runs with a 'best' checkpoint under {tmp_path / 'empty'}/"):
         evaluate_with("--output-dir", str(tmp_path / "empty"))
 
 
@@ -106,6 +106,16 @@ def test_eval_calibrate_writes_the_temperature_into_the_checkpoint(evaluate_with
     assert meta["calibration"]["eval_size"] == 40 and meta["temperature"] != 1.0
 
 
+@pytest.fixture
+def renamed_copy(trained_run, tmp_path):
+    """A copy of the session's best/ whose classes are named A-E: what a command read tells which
+    checkpoint it used (the tiny run's best/ and last/ hold the same epoch)."""
+    copy = tmp_path / "renamed" / "best"
+    shutil.copytree(trained_run["ckpt"], copy)
+    checkpoint.update_meta(copy, {"class_names": list("ABCDE")})
+    return copy
+
+
 # ---- predict -------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -127,8 +137,13 @@ def test_predict_inputs_checkpoint_top_k_and_batch_size(trained_run, photos, mon
     assert [r.path for r in results] == photos
     assert all(len(r.top) == 3 for r in results)
     assert chunks == [2]
-    with pytest.raises(UserError, match="no runs with a 'best' checkpoint"):
+    with pytest.raises(UserError, match="no runs with a 'best' checkpoint under /nonexistent-runs/"):
         predict.predict(parse(PredictConfig, [photos[0], "--output-dir", "/nonexistent-runs"]))
+
+
+def test_predict_uses_the_checkpoint_it_is_given(trained_run, photos, renamed_copy):
+    results = _predict(trained_run, *photos, "--ckpt", str(renamed_copy))
+    assert {name for r in results for name, _ in r.top} <= set("ABCDE")
 
 
 def test_predict_tta_and_eval_size_change_the_probabilities(trained_run, photos):
@@ -152,13 +167,15 @@ def test_predict_reject_below_and_output(trained_run, photos, tmp_path, monkeypa
 
 # ---- export -------------------------------------------------------------------------------------------
 
-def test_export_format_out_and_checkpoint(trained_run, tmp_path):
+def test_export_format_out_and_checkpoint(trained_run, tmp_path, renamed_copy):
     _fresh_state()
     path = export(parse(ExportConfig, ["--output-dir", str(trained_run["output_dir"]), "--ckpt", "last",
                                        "--format", "torchscript", "--out", str(tmp_path / "exported")]))
     assert path == tmp_path / "exported" / "model.torchscript.pt" and path.is_file()
     assert checkpoint.load_meta(tmp_path / "exported")["run_name"] == "tiny"
-    assert json.loads((tmp_path / "exported" / "checkpoint.json").read_text())["epoch"] == 1
+    _fresh_state()
+    export(parse(ExportConfig, ["--ckpt", str(renamed_copy), "--format", "torchscript", "--out", str(tmp_path / "e2")]))
+    assert json.loads((tmp_path / "e2" / "checkpoint.json").read_text())["class_names"] == list("ABCDE")
 
 
 # ---- compare ---------------------------------------------------------------------------------------------

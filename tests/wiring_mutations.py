@@ -180,7 +180,7 @@ BREAKS = [
     Break("predict IMAGE_OR_FOLDER", "flowers/predict.py", "_batches(list(collect_inputs(cfg.inputs)), cfg.batch_size)",
           "_batches(list(collect_inputs([])), cfg.batch_size)", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
     Break("predict --ckpt", "flowers/predict.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
-          "checkpoint.resolve('best', cfg.output_dir)", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
+          "checkpoint.resolve('best', cfg.output_dir)", (C + "test_predict_uses_the_checkpoint_it_is_given",)),
     Break("predict --output-dir", "flowers/predict.py", "checkpoint.resolve(cfg.ckpt, cfg.output_dir)",
           "checkpoint.resolve(cfg.ckpt, 'outputs')", (C + "test_predict_inputs_checkpoint_top_k_and_batch_size",)),
     Break("predict --top-k", "flowers/predict.py", "k = min(cfg.top_k, len(class_names))", "k = min(2, len(class_names))",
