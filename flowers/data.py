@@ -426,9 +426,9 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
             train_images = dd.place(dd.decode_training_images(splits.train, cfg.image_size), device)
             val_images = dd.place(dd.decode_eval_images(splits.val, cfg.image_size), device)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
-        train = dd.DeviceLoader(train_images, shard, dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device),
-                                shuffle_seed=shuffle_seed, drop_last=drop_last)
-        val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device))
+        train_pixels = dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device, cfg.channels_last)
+        train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last)
+        val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device, cfg.channels_last))
         accelerator.print(f"device pipeline: {len(train_images)} + {len(val_images)} images decoded, kept on "
                           f"{train_images.pixels.device} ({(train_images.pixels.numel() + val_images.pixels.numel()) / 2**30:.2f} GiB)")
         return Loaders(train, val, pipeline, 0)

@@ -204,9 +204,10 @@ class TrainPixels:
     generator (example_seed(seed, epoch, index), as data.SeededAugmentation draws them), the pixel
     work done for the whole batch on the device (transforms.BatchAugmentation)."""
 
-    def __init__(self, images: DecodedImages, image_size: int, seed: int, device: torch.device):
+    def __init__(self, images: DecodedImages, image_size: int, seed: int, device: torch.device,
+                 channels_last: bool = True):
         self.images, self.image_size, self.seed, self.device = images, image_size, seed, device
-        self.augment = BatchAugmentation(image_size)
+        self.augment = BatchAugmentation(image_size, channels_last=channels_last)
 
     def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
         params = []
@@ -218,10 +219,11 @@ class TrainPixels:
 
 
 class EvalPixels:
-    """Evaluation pixels: the stored centre crops, normalised on the device."""
+    """Evaluation pixels: the stored centre crops, normalised on the device (channels-last unless
+    `channels_last` is False: the model's layout)."""
 
-    def __init__(self, images: DecodedImages, device: torch.device):
-        self.images, self.device, self.normalise = images, device, DeviceNormalise()
+    def __init__(self, images: DecodedImages, device: torch.device, channels_last: bool = True):
+        self.images, self.device, self.normalise = images, device, DeviceNormalise(channels_last=channels_last)
 
     def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
         return self.normalise(self.images.gather(rows, device_rows, self.device))

@@ -7,6 +7,7 @@ tensors on any device (--pipeline device). Both work on uint8 pixels and normali
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -38,8 +39,7 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
     sync) compute the same matrices. Hue is a rotation about the grey axis, the usual linear
     stand-in for an HSV hue shift."""
     dtype, device, n = mean_rgb.dtype, mean_rgb.device, len(order)
-    # constants made on the host and queued for the device (torch.tensor(..., device=cuda) would wait for it)
-    luma = upload(torch.tensor(LUMA, dtype=dtype), device)
+    luma, cross = _colour_constants(dtype, device)
     eye = torch.eye(4, dtype=dtype, device=device)
     brightness, contrast, saturation, hue = factors.to(dtype).unbind(1)
     steps = eye.repeat(n, 4, 1, 1)  # (B, kind, 4, 4)
@@ -49,7 +49,6 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
                                     + (1 - saturation)[:, None, None] * luma.expand(3, 3))
     angle = 2 * math.pi * hue
     axis = torch.full((3,), 1 / math.sqrt(3), dtype=dtype, device=device)
-    cross = upload(torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype) / math.sqrt(3), device)
     steps[:, HUE, :3, :3] = (angle.cos()[:, None, None] * eye[:3, :3] + angle.sin()[:, None, None] * cross
                              + (1 - angle.cos())[:, None, None] * torch.outer(axis, axis))
     matrix = eye.repeat(n, 1, 1)
@@ -63,6 +62,15 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
         step[:, :3, 3] = shift[:, None]
         matrix = step @ matrix
     return matrix[:, :3]
+
+
+@functools.lru_cache(maxsize=None)
+def _colour_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey weights and the hue rotation's cross-product matrix, made on the host and copied to
+    `device` once (torch.tensor(..., device=cuda) would make the host wait for the device)."""
+    luma = torch.tensor(LUMA, dtype=dtype)
+    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype) / math.sqrt(3)
+    return upload(luma, device), upload(cross, device)
 
 
 def draw_jitter(spread: tuple[float, float, float, float] = JITTER,
@@ -163,12 +171,14 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` (on the host) on `device`, without making the host wait for the device's queued
-    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. Elsewhere a
-    plain copy: on MPS a non-blocking copy of a temporary can deliver garbage (PyTorch issues
-    #139550, #189690)."""
-    if device.type != "cuda":
+    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. On MPS a
+    plain (blocking) copy: a non-blocking copy of a temporary can deliver garbage (PyTorch issues
+    #139550, #189690). On the host itself, the tensor as it is."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "mps":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
 
 
 def _uniform(low: float, high: float, generator: Optional[torch.Generator]) -> float:
@@ -295,8 +305,8 @@ class BatchAugmentation:
     in one step instead of an antialiased resize then a nearest-neighbour warp, and colours not
     rounded to uint8 in between (see tests/test_device_pipeline.py for the measured tolerance)."""
 
-    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.image_size, self.normalise = image_size, DeviceNormalise(mean, std)
+    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = True):
+        self.image_size, self.normalise = image_size, DeviceNormalise(mean, std, channels_last)
 
     def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
         n, size, device = len(params), self.image_size, canvas.device
@@ -323,16 +333,23 @@ class BatchAugmentation:
 
 class DeviceNormalise:
     """uint8 (or 0-255 float) pixels (N, 3, H, W) -> normalised float32 on their device, with the
-    same float operations as ToNormalisedTensor, so evaluation pixels are identical on both paths."""
+    same float operations as ToNormalisedTensor, so evaluation pixels are identical on both paths.
+    Written channels-last (the model's layout, see --channels-last) unless `channels_last` is
+    False; the scale and shift are copied to each device once, without a host sync."""
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = True):
         self.scale = (1 / (255 * torch.tensor(std)))[:, None, None]
         self.shift = (-torch.tensor(mean) / torch.tensor(std))[:, None, None]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.scale.device != pixels.device:
-            self.scale, self.shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
-        return pixels.float().mul_(self.scale).add_(self.shift)
+        device = pixels.device
+        if device not in self._on_device:
+            self._on_device[device] = (upload(self.scale, device), upload(self.shift, device))
+        scale, shift = self._on_device[device]
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=device, memory_format=self.memory_format)
+        return torch.mul(pixels, scale, out=out).add_(shift)
 
 
 def eval_size(image_size: int) -> int:

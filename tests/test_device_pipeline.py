@@ -274,3 +274,14 @@ def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics
     assert "matches the accuracy recorded at training time" in evaluated.stdout, evaluated.stdout
     result = json.loads(next((out / "ddp").glob("eval-last*/results.json")).read_text())
     assert abs(result["metrics"]["loss"] - history[-1]["val_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_device_normalisation_writes_the_model_layout_with_the_pil_paths_values(channels_last):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g)
+    normalised = T.DeviceNormalise(channels_last=channels_last)(pixels)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert normalised.is_contiguous(memory_format=layout) and normalised.dtype == torch.float32
+    pil = torch.stack([T.ToNormalisedTensor()(PILImage.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels])
+    assert torch.equal(normalised, pil)  # bit for bit: evaluation is the same on both pipelines

@@ -62,8 +62,10 @@ class HostSyncRecorder(TorchFunctionMode):
         if sync:
             self._record(sync)
         out = func(*args, **kwargs)
+        if func is Tensor.cpu and out is args[0]:
+            out = out.clone()  # on a GPU the host's copy is another tensor than the device's
         made_on_device = kwargs.get("device") is not None or func in (Tensor.to, Tensor.cuda)
-        if tagged or made_on_device:
+        if (tagged and func not in READS) or made_on_device:  # what a read copies to the host is the host's
             self.device_calls += tagged
             self.tag(out)
         return out
