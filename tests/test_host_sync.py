@@ -163,7 +163,7 @@ def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, pipeline, re
     # 6 training images in batches of 2: 3 steps; --grad-accum-steps 2 adds a short last cycle
     traced_fit(monkeypatch, ["--data", str(data), *TINY_TRAIN, "--batch-size", "2", "--epochs", "1",
                              "--val-split", "0.25", "--pipeline", pipeline, "--output-dir", str(tmp_path / "out"),
-                             "--arch", "resnet18", *RECIPES[recipe]], recorder)
+                             *RECIPES[recipe]], recorder)
     assert recorder.device_calls > 100  # the steps and evaluations were traced
     assert not recorder.syncs, "host syncs outside the documented periodic ones:\n" + "\n".join(
         f"  {call} at {where}" for call, where in recorder.syncs)
@@ -189,3 +189,32 @@ def test_host_sync_recorder_sees_each_kind_of_sync():
     assert [call for call, _ in recorder.syncs] == [
         "item", "__bool__", "cpu", "boolean-mask indexing", "torch.tensor(..., device=)",
         "blocking .to() of a host tensor", "__format__"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("pipeline", ["workers", "device"])
+def test_no_host_sync_inside_a_training_step_on_cuda(tmp_path, monkeypatch, pipeline, recipe):
+    """The same runs on a GPU, where torch itself raises on any synchronising call inside
+    train_one_epoch and evaluate (set_sync_debug_mode("error")), except in the periodic ones."""
+    from flowers import engine, nonfinite
+
+    def sync_mode(mode, real):
+        def run(*args, **kwargs):
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(mode)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return run
+    monkeypatch.setattr(engine, "_sum_over_processes", sync_mode("default", engine._sum_over_processes))
+    monkeypatch.setattr(engine, "_to_host", sync_mode("default", engine._to_host))
+    monkeypatch.setattr(nonfinite.NonFiniteGuard, "check", sync_mode("default", nonfinite.NonFiniteGuard.check))
+    monkeypatch.setattr(training, "train_one_epoch", sync_mode("error", training.train_one_epoch))
+    monkeypatch.setattr(training, "evaluate", sync_mode("error", training.evaluate))
+    data = make_dataset(tmp_path / "data", per_class=4, classes=["a", "b"])
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", str(data), *TINY_TRAIN, "--batch-size", "2", "--epochs", "1",
+                                      "--val-split", "0.25", "--pipeline", pipeline, "--output-dir",
+                                      str(tmp_path / "out"), *RECIPES[recipe]])
+    training.fit(parse(TrainConfig))
