@@ -154,10 +154,14 @@ class DeviceLoader(DataLoaderStateMixin):
     nowhere: every process gets batches of the same size, and gathered evaluation results hold
     each image exactly once, in the split's order. Accelerate's gradient state is told where the
     epoch ends, as a prepared DataLoader tells it (gradient accumulation syncs on the last batch).
-    `make_pixels` (TrainPixels, EvalPixels) turns the batch's rows into its pixels on the device."""
+    `make_pixels` (TrainPixels, EvalPixels) turns the batch's rows into its pixels: its `plan` (the
+    host's part) travels to the device with the rows, labels and valid flags in one copy, and its
+    `apply` makes the pixels there."""
 
     def __init__(self, images: DecodedImages, shard: Shard, make_pixels: "TrainPixels | EvalPixels",
                  shuffle_seed: Optional[int] = None, drop_last: bool = False):
+        if len(images) >= 2**24:
+            raise ValueError(f"{len(images)} images: the device pipeline numbers them in float32, up to 2**24")
         self.images, self.shard, self.make_pixels = images, shard, make_pixels
         self.shuffle_seed = shuffle_seed
         self.drop_last = drop_last and len(images) >= shard.global_batch
@@ -191,9 +195,13 @@ class DeviceLoader(DataLoaderStateMixin):
                 rows = order[positions % n]
                 valid = self.images.valid[rows] & (positions < n)
                 self.end_of_dataloader = k == batches - 1
-                on_device = upload(torch.stack([rows, self.images.labels[rows], valid.long()]), device)
-                yield {"pixel_values": self.make_pixels(rows, on_device[0], self.epoch), "labels": on_device[1],
-                       "valid": on_device[2].bool()}
+                # the batch's rows, labels, valid flags and the pixels' plan: one copy to the device
+                # (float32 holds row numbers exactly below 2**24)
+                on_device = upload(torch.cat([torch.stack([rows, self.images.labels[rows], valid], dim=1).float(),
+                                              self.make_pixels.plan(rows, self.epoch)], dim=1), device)
+                device_rows = on_device[:, 0].long()
+                yield {"pixel_values": self.make_pixels.apply(rows, device_rows, on_device[:, 3:]),
+                       "labels": on_device[:, 1].long(), "valid": on_device[:, 2].bool()}
         finally:
             self.start_batch = 0
             self.end()
@@ -209,13 +217,22 @@ class TrainPixels:
         self.images, self.image_size, self.seed, self.device = images, image_size, seed, device
         self.augment = BatchAugmentation(image_size, channels_last=channels_last)
 
-    def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
+    def plan(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The host's part of the batch of `rows` (see BatchAugmentation.plan)."""
         params = []
         for index in rows.tolist():
             height, width = self.images.sizes[index]
             generator = torch.Generator().manual_seed(example_seed(self.seed, epoch, index))
             params.append(sample_augmentation(width, height, self.image_size, generator))
-        return self.augment(self.images.gather(rows, device_rows, self.device), self.images.transposed[rows], params)
+        canvas = self.images.pixels.shape
+        return self.augment.plan((canvas[-1], canvas[-2]), self.images.transposed[rows], params)
+
+    def apply(self, rows: torch.Tensor, device_rows: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """The batch's pixels on the device, from `plan` there."""
+        return self.augment.apply(self.images.gather(rows, device_rows, self.device), plan)
+
+    def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.apply(rows, device_rows, upload(self.plan(rows, epoch), self.device))
 
 
 class EvalPixels:
@@ -225,5 +242,11 @@ class EvalPixels:
     def __init__(self, images: DecodedImages, device: torch.device, channels_last: bool = True):
         self.images, self.device, self.normalise = images, device, DeviceNormalise(channels_last=channels_last)
 
-    def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
+    def plan(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        return torch.zeros(len(rows), 0)  # nothing drawn
+
+    def apply(self, rows: torch.Tensor, device_rows: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         return self.normalise(self.images.gather(rows, device_rows, self.device))
+
+    def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.apply(rows, device_rows, torch.zeros(len(rows), 0))

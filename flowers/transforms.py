@@ -308,27 +308,41 @@ class BatchAugmentation:
     def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = True):
         self.image_size, self.normalise = image_size, DeviceNormalise(mean, std, channels_last)
 
-    def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
-        n, size, device = len(params), self.image_size, canvas.device
+    PLAN_COLUMNS = 20  # per image: two 2x3 sampling matrices, the colour steps' order and factors
+
+    def plan(self, canvas_size: tuple[int, int], transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
+        """The host's part of a batch, as float32 rows (N, PLAN_COLUMNS) to be copied to the device
+        in one piece: the grid of the crop and of the canvas (canvas_size: width, height) as 2x3
+        matrices, the colour jitter's order and factors (all exact in float32)."""
+        n, size = len(params), self.image_size
         inverse_affine, to_source = _warp_matrices(params, size)
         out_to_crop = inverse_affine @ torch.linalg.inv(_normalised_coords(size, size))
         swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
         lying = transposed.cpu()[:, None, None]
         source_to_canvas = torch.where(lying, swap, torch.eye(3, dtype=torch.float64))
-        to_canvas = _normalised_coords(canvas.shape[-1], canvas.shape[-2]) @ source_to_canvas @ to_source @ out_to_crop
+        to_canvas = _normalised_coords(*canvas_size) @ source_to_canvas @ to_source @ out_to_crop
         crop_grid_theta = (_normalised_coords(size, size) @ out_to_crop)[:, :2]
-        thetas = upload(torch.stack([crop_grid_theta, to_canvas[:, :2]]).float(), device)
+        thetas = torch.stack([crop_grid_theta, to_canvas[:, :2]], dim=1).float().reshape(n, 12)
+        colour = torch.tensor([(*p.colour_order, *p.colour_factors) for p in params], dtype=torch.float32)
+        return torch.cat([thetas, colour.reshape(n, 8)], dim=1)
+
+    def apply(self, canvas: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """The device's part: `canvas` (N, 3, H, W) augmented as `plan` (on its device) says."""
+        n, size = len(plan), self.image_size
+        thetas = plan[:, :12].reshape(n, 2, 2, 3)
         shape = [n, 3, size, size]
         # outside the crop the PIL executor's warp fills black: so does this one, not the photo around the crop
-        in_crop = F.affine_grid(thetas[0], shape, align_corners=False).abs().amax(dim=-1) <= 1
-        grid = F.affine_grid(thetas[1], shape, align_corners=False)
+        in_crop = F.affine_grid(thetas[:, 0], shape, align_corners=False).abs().amax(dim=-1) <= 1
+        grid = F.affine_grid(thetas[:, 1], shape, align_corners=False)
         pixels = F.grid_sample(canvas.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         pixels = pixels * in_crop[:, None]
-        order = upload(torch.tensor([p.colour_order for p in params]), device)
-        factors = upload(torch.tensor([p.colour_factors for p in params]), device)
-        colour = colour_matrices(order, factors, pixels.mean(dim=(2, 3)))
+        colour = colour_matrices(plan[:, 12:16].long(), plan[:, 16:20], pixels.mean(dim=(2, 3)))
         pixels = torch.baddbmm(colour[:, :, 3:], colour[:, :, :3], pixels.flatten(2)).clamp_(0, 255)
         return self.normalise(pixels.view(shape))
+
+    def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
+        plan = self.plan((canvas.shape[-1], canvas.shape[-2]), transposed, params)
+        return self.apply(canvas, upload(plan, canvas.device))
 
 
 class DeviceNormalise:

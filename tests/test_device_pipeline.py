@@ -162,7 +162,10 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(processes, drop_last):
     class Rows:  # the loader's rows, as its "pixels"
         device = torch.device("cpu")
 
-        def __call__(self, rows, device_rows, epoch):
+        def plan(self, rows, epoch):
+            return torch.zeros(len(rows), 0)
+
+        def apply(self, rows, device_rows, plan):
             return device_rows
 
     loaders = [dd.DeviceLoader(images, dd.Shard(r, processes, batch), Rows(), shuffle_seed=7, drop_last=drop_last)
@@ -285,3 +288,22 @@ def test_device_normalisation_writes_the_model_layout_with_the_pil_paths_values(
     assert normalised.is_contiguous(memory_format=layout) and normalised.dtype == torch.float32
     pil = torch.stack([T.ToNormalisedTensor()(PILImage.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels])
     assert torch.equal(normalised, pil)  # bit for bit: evaluation is the same on both pipelines
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_one_copy_to_the_device_per_training_batch_two_when_gathered_on_the_host(tmp_path, monkeypatch, on_host):
+    """The rows, labels, valid flags and augmentation plan travel together; the host-gather branch
+    adds the batch's pixels (transforms.upload is the one way host tensors reach the device)."""
+    images = dd.decode_training_images(_dataset([_photo(*SHAPES[i % 4], seed=i) for i in range(8)], tmp_path), SIZE)
+    copies = []
+    monkeypatch.setattr(T, "upload", lambda tensor, device: copies.append(tensor.shape) or tensor)
+    monkeypatch.setattr(dd, "upload", T.upload)
+    if on_host:  # the host-gather branch: pixels on the host, batches made for another device
+        monkeypatch.setattr(dd.DecodedImages, "gather",
+                            lambda self, rows, device_rows, device: T.upload(self.pixels[rows], device))
+    loader = dd.DeviceLoader(images, dd.Shard(0, 1, 4), dd.TrainPixels(images, SIZE, 0, torch.device("cpu")),
+                             shuffle_seed=1)
+    list(loader.for_epoch(0))  # the first copies the constants (colour, normalisation) to the device, once
+    copies.clear()
+    batches = list(loader.for_epoch(1))
+    assert len(copies) == len(batches) * (2 if on_host else 1)
