@@ -115,19 +115,41 @@ def decode_eval_images(ds: Dataset, image_size: int) -> DecodedImages:
     return _stack(pixels, [(image_size, image_size)] * len(ds), [False] * len(ds), labels, valid)
 
 
-def place(images: DecodedImages, device: torch.device) -> DecodedImages:
-    """Move the decoded pixels to `device` when they fit in DEVICE_SHARE of its free memory
-    (a CPU's own memory always holds them); otherwise they stay on the host (see gather)."""
-    nbytes = images.pixels.numel()
+def free_device_memory(device: torch.device) -> Optional[int]:
+    """Bytes the device can still allocate (None for the CPU, whose memory is the host's)."""
     if device.type == "cuda":
-        fits = nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
-    elif device.type == "mps":
-        fits = nbytes <= DEVICE_SHARE * (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    else:
-        fits = device.type == "cpu"
-    if fits:
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return None
+
+
+def on_device(nbytes: int, device: torch.device, cache: str = "auto", reserve_bytes: int = 0,
+              free_bytes: Optional[int] = None) -> bool:
+    """Whether decoded photos of `nbytes` go to `device`: --device-cache device or host as told; auto
+    when they take at most DEVICE_SHARE of the free memory (`free_bytes`, read from the device when
+    None) less `reserve_bytes`. A CPU keeps them in its own memory either way."""
+    if cache != "auto" or device.type == "cpu":
+        return cache != "host"
+    free = free_device_memory(device) if free_bytes is None else free_bytes
+    return free is not None and nbytes <= DEVICE_SHARE * max(0, free - reserve_bytes)
+
+
+def place(images: DecodedImages, device: torch.device, cache: str = "auto", reserve_bytes: int = 0) -> DecodedImages:
+    """Move the decoded pixels to `device` as on_device decides; otherwise they stay on the host
+    (see gather)."""
+    if on_device(images.pixels.numel(), device, cache, reserve_bytes):
         images.pixels = images.pixels.to(device)
     return images
+
+
+def place_both(train: DecodedImages, val: DecodedImages, device: torch.device, cache: str = "auto",
+               reserve_bytes: int = 0) -> str:
+    """Place both splits together (both on the device, or both on the host); where they are."""
+    if on_device(train.pixels.numel() + val.pixels.numel(), device, cache, reserve_bytes):
+        train.pixels, val.pixels = train.pixels.to(device), val.pixels.to(device)
+        return str(device)
+    return "the host"
 
 
 @dataclass(frozen=True)

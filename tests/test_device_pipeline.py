@@ -225,7 +225,7 @@ def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tm
     out = tmp_path / "out"
     train = ("train.py", "--data", str(data), "--output-dir", str(out), *DEVICE_RUN)
     whole = run_cli("python", *train, "--run-name", "whole", timeout=1200)
-    assert "device pipeline: 20 + 5 images decoded, kept on cpu" in whole.stdout
+    assert "device pipeline: 20 + 5 images decoded, 0.00 GiB in this process, kept on cpu" in whole.stdout
     stopped = interrupt_mid_epoch([sys.executable, *train, "--run-name", "cut", "--save-every-steps", "2"],
                                   out / "cut", global_step=6, timeout=1200)
     assert stopped.returncode != 0, stopped.stdout[-2000:]
@@ -307,3 +307,21 @@ def test_one_copy_to_the_device_per_training_batch_two_when_gathered_on_the_host
     copies.clear()
     batches = list(loader.for_epoch(1))
     assert len(copies) == len(batches) * (2 if on_host else 1)
+
+
+def test_placement_leaves_the_reserve_free_and_device_cache_forces_either_place():
+    cuda, gib = torch.device("cuda"), 2**30
+    assert dd.on_device(gib, cuda, "auto", free_bytes=8 * gib)                     # a quarter of 8 GiB holds 1 GiB
+    assert not dd.on_device(gib, cuda, "auto", reserve_bytes=5 * gib, free_bytes=8 * gib)  # not of the 3 GiB left
+    assert dd.on_device(gib, cuda, "device", free_bytes=0) and not dd.on_device(gib, cuda, "host", free_bytes=80 * gib)
+    assert dd.on_device(gib, torch.device("cpu"), "auto") and not dd.on_device(gib, torch.device("cpu"), "host")
+
+
+def test_device_cache_host_keeps_the_photos_in_host_memory_and_trains(tmp_path):
+    data = make_dataset(tmp_path / "flowers", per_class=2, classes=["a", "b"])
+    run = run_cli("python", "train.py", "--data", str(data), "--output-dir", str(tmp_path / "out"), *TINY_TRAIN,
+                  "--pipeline", "device", "--device-cache", "host", "--epochs", "1", "--batch-size", "2", "--val-split", "0.5",
+                  timeout=600)
+    assert "device pipeline: 2 + 2 images decoded, 0.00 GiB in this process, kept on the host (--device-cache host)" \
+        in run.stdout, run.stdout
+    assert "epoch 1/1" in run.stdout
