@@ -171,14 +171,14 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` (on the host) on `device`, without making the host wait for the device's queued
-    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. On MPS a
-    plain (blocking) copy: a non-blocking copy of a temporary can deliver garbage (PyTorch issues
-    #139550, #189690). On the host itself, the tensor as it is."""
+    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. On the CPU
+    the tensor itself. Elsewhere a plain copy: on MPS a non-blocking copy of a temporary can deliver
+    garbage (PyTorch issues #139550, #189690)."""
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
-    if device.type == "mps":
-        return tensor.to(device)
-    return tensor.to(device, non_blocking=True)
+    if device.type == "cpu":
+        return tensor
+    return tensor.to(device)
 
 
 def _uniform(low: float, high: float, generator: Optional[torch.Generator]) -> float:

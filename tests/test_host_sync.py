@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from conftest import TINY_TRAIN, make_dataset
-from flowers import training
+from flowers import device_data, training, transforms
 from flowers.config import TrainConfig, parse
 
 Tensor = torch.Tensor
@@ -142,7 +142,16 @@ def traced_fit(monkeypatch, argv: list[str], recorder: HostSyncRecorder) -> None
                 return real(accelerator, model, _tagged_batches(loader, recorder), *args, **kwargs)
         return run_traced
 
+    def tagging(upload):  # what transforms.upload copies is the device's (on a CPU, the host tensor itself)
+        def upload_tagged(tensor, device):
+            out = upload(tensor, device)
+            recorder.tag(out)
+            return out
+        return upload_tagged
+
     monkeypatch.setattr(training.Run, "create", classmethod(create_tagged))
+    monkeypatch.setattr(transforms, "upload", tagging(transforms.upload))
+    monkeypatch.setattr(device_data, "upload", transforms.upload)
     monkeypatch.setattr(training, "train_one_epoch", traced(training.train_one_epoch))
     monkeypatch.setattr(training, "evaluate", traced(training.evaluate))
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
@@ -155,7 +164,11 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+# the fast loop traces the recipe with every option on; the plain runs (without them) are in the slow suite
+TRACED = [pytest.param(r, marks=pytest.mark.slow) if r == "plain" else r for r in sorted(RECIPES)]
+
+
+@pytest.mark.parametrize("recipe", TRACED)
 @pytest.mark.parametrize("pipeline", ["workers", "device"])
 def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, pipeline, recipe):
     data = make_dataset(tmp_path / "data", per_class=4, classes=["a", "b"])
