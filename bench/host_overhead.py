@@ -8,7 +8,9 @@ Prints one JSON line {"host_ms_per_batch", "uploads_per_batch", "device_ops_per_
   draws, warp and colour matrices, uploads, dispatching every device op), divided by its batches;
   the median over epochs 2.. (the first warms up), work done ahead of the epoch included. The
   device is torch's "meta" device: every op is dispatched and shape-checked as on a GPU, none
-  executes, so device time is excluded and the number does not depend on the GPU.
+  executes, so device time is excluded and the number does not depend on the GPU. `meta`'s shape
+  functions (several in Python) cost more than CUDA's launch path, so this is an upper bound;
+  stderr gives the host's own share (TrainPixels.plan: parameter draws and matrices) apart.
 - uploads_per_batch: host-to-device copies per batch (Tensor.to / copy_ from a host tensor to the
   device, counted with a TorchFunctionMode).
 - device_ops_per_batch: aten operators per batch whose result is on the device and is not a view
@@ -102,15 +104,27 @@ def main() -> int:
     loader = dd.DeviceLoader(images, dd.Shard(0, 1, args.batch_size),
                              dd.TrainPixels(images, args.image_size, seed=0, device=DEVICE), shuffle_seed=1,
                              drop_last=True)
-    per_batch = []
-    for epoch in range(args.epochs):
+    per_batch, planning = [], [0.0]
+    plan = loader.make_pixels.plan
+
+    def timed_plan(*a):
         start = time.perf_counter()
+        out = plan(*a)
+        planning[0] += time.perf_counter() - start
+        return out
+    loader.make_pixels.plan = timed_plan
+    for epoch in range(args.epochs):
+        start, planning[0] = time.perf_counter(), 0.0
         batches = sum(1 for _ in loader.for_epoch(epoch))
         per_batch.append(1000 * (time.perf_counter() - start) / batches)
+    loader.make_pixels.plan = plan
     uploads, ops = CountUploads(), CountDeviceOps()
     with uploads, ops:
         batches = sum(1 for _ in loader.for_epoch(args.epochs))
-    print(f"host ms a batch, epochs 1-{args.epochs}: {', '.join(f'{m:.2f}' for m in per_batch)}; "
+    print(f"host ms a batch, epochs 1-{args.epochs}: {', '.join(f'{m:.2f}' for m in per_batch)}, of which the "
+          f"host's own work (TrainPixels.plan: draws and matrices) {1000 * planning[0] / batches:.2f} in the last; "
+          "the rest is indexing, packing and dispatching device ops onto meta, whose shape functions are "
+          "slower than CUDA's launch path (an upper bound); "
           f"device ops with views a batch: {ops.with_views / batches:.1f}; "
           f"{'host-gather' if args.host_gather else 'on-device'} branch, {args.images} images, "
           f"{args.image_size} px, batch {args.batch_size}, 1 thread", file=sys.stderr)
