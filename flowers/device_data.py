@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -29,6 +30,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from flowers import imagefiles
+from flowers.runtime import usable_cores
 from flowers.transforms import (BatchAugmentation, DeviceNormalise, eval_pixels, eval_size, example_seed,
                                 sample_augmentation, upload)
 
@@ -61,16 +63,25 @@ class DecodedImages:
         return upload(self.pixels[rows], device)
 
 
-def _rows(ds: Dataset, desc: str) -> Iterator[tuple[Optional[PILImage.Image], int]]:
-    """Each image of `ds` decoded (None with a warning when it no longer decodes) and its label."""
+def decode_threads() -> int:
+    """Threads decoding photos in each process: this process's share of the cores (PIL decodes
+    without holding the GIL), at most 8."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, usable_cores() // max(1, local_processes)))
+
+
+def _rows(ds: Dataset, desc: str, threads: Optional[int] = None) -> Iterator[tuple[Optional[PILImage.Image], int]]:
+    """Each image of `ds` decoded (None with a warning when it no longer decodes) and its label, in
+    order; a chunk's photos are decoded on `threads` threads (decode_threads() when None)."""
     source = ds.cast_column("image", Image(decode=False))
     # one bar per node, on a terminal only (a log file gets the summary line that follows)
     quiet = not sys.stderr.isatty() or os.environ.get("LOCAL_RANK", "0") != "0"
-    with tqdm(total=len(ds), desc=desc, leave=False, dynamic_ncols=True, disable=quiet) as bar:
+    with tqdm(total=len(ds), desc=desc, leave=False, dynamic_ncols=True, disable=quiet) as bar, \
+            ThreadPoolExecutor(threads or decode_threads()) as pool:
         for start in range(0, len(ds), DECODE_CHUNK):
             chunk = source[start:start + DECODE_CHUNK]
-            for entry, label in zip(chunk["image"], chunk["label"]):
-                yield imagefiles.load_rgb_or_none(entry), label
+            for img, label in zip(pool.map(imagefiles.load_rgb_or_none, chunk["image"]), chunk["label"]):
+                yield img, label
                 bar.update()
 
 
@@ -79,12 +90,12 @@ def _stack(canvas: torch.Tensor, sizes: list, transposed: list, labels: list, va
                          torch.tensor(labels, dtype=torch.long), torch.tensor(valid, dtype=torch.bool))
 
 
-def decode_training_images(ds: Dataset, image_size: int) -> DecodedImages:
+def decode_training_images(ds: Dataset, image_size: int, threads: Optional[int] = None) -> DecodedImages:
     """`ds` (photos at evaluation's short side, see data.resized_copy) in canvases, on the host."""
     short = eval_size(image_size)
     canvas = torch.zeros(len(ds), 3, short, 2 * short, dtype=torch.uint8)
     sizes, transposed, labels, valid = [], [], [], []
-    for i, (img, label) in enumerate(_rows(ds, "decoding training images")):
+    for i, (img, label) in enumerate(_rows(ds, "decoding training images", threads)):
         valid.append(img is not None)
         if img is None:
             img = PILImage.new("RGB", (short, short))
@@ -102,12 +113,12 @@ def decode_training_images(ds: Dataset, image_size: int) -> DecodedImages:
     return _stack(canvas, sizes, transposed, labels, valid)
 
 
-def decode_eval_images(ds: Dataset, image_size: int) -> DecodedImages:
+def decode_eval_images(ds: Dataset, image_size: int, threads: Optional[int] = None) -> DecodedImages:
     """`ds` as evaluation's uint8 centre crops (the PIL path's pixels before normalisation)."""
     crop = eval_pixels(image_size)
     pixels = torch.zeros(len(ds), 3, image_size, image_size, dtype=torch.uint8)
     labels, valid = [], []
-    for i, (img, label) in enumerate(_rows(ds, "decoding validation images")):
+    for i, (img, label) in enumerate(_rows(ds, "decoding validation images", threads)):
         if img is not None:
             pixels[i] = torch.from_numpy(np.array(crop(img))).permute(2, 0, 1)
         labels.append(label)

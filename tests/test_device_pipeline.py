@@ -325,3 +325,14 @@ def test_device_cache_host_keeps_the_photos_in_host_memory_and_trains(tmp_path):
     assert "device pipeline: 2 + 2 images decoded, 0.00 GiB in this process, kept on the host (--device-cache host)" \
         in run.stdout, run.stdout
     assert "epoch 1/1" in run.stdout
+
+
+def test_decoding_on_several_threads_gives_the_same_images_in_the_same_order(tmp_path):
+    photos = [_photo(*SHAPES[i % 4], seed=i) for i in range(2 * dd.DECODE_CHUNK + 5)]  # three chunks
+    ds = _dataset(photos, tmp_path)
+    (tmp_path / "7.png").write_bytes(b"not a photo any more")  # one that no longer decodes
+    one, four = (dd.decode_training_images(ds, SIZE, threads=n) for n in (1, 4))
+    assert torch.equal(one.pixels, four.pixels) and one.sizes == four.sizes
+    assert torch.equal(one.transposed, four.transposed) and torch.equal(one.labels, four.labels)
+    assert torch.equal(one.valid, four.valid) and not four.valid[7] and four.valid.sum() == len(photos) - 1
+    assert torch.equal(dd.decode_eval_images(ds, SIZE, threads=1).pixels, dd.decode_eval_images(ds, SIZE, threads=4).pixels)
