@@ -413,11 +413,13 @@ class Loaders:
     workers: int  # DataLoader workers per process (0 on the device path)
 
 
-def place_decoded_images(loaders: Loaders, cfg: TrainConfig, accelerator, reserve_bytes: int) -> None:
-    """--pipeline device: move the decoded photos to the training device as --device-cache says,
-    leaving `reserve_bytes` (what the training step will still allocate) out of the free memory."""
+def place_decoded_images(loaders: Loaders, cfg: TrainConfig, accelerator, model) -> None:
+    """--pipeline device: move the decoded photos to the training device as --device-cache says.
+    Call it once `model`, its optimizer and the EMA are on the device; what the first step will
+    still allocate there, the optimizer's state (Adam's two moments), is left out of the free memory."""
     if loaders.pipeline != "device":
         return
+    reserve_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     train, val = loaders.train.images, loaders.val.images
     nbytes = train.pixels.numel() + val.pixels.numel()
     where = dd.place_both(train, val, accelerator.device, cfg.device_cache, reserve_bytes)

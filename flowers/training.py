@@ -251,9 +251,7 @@ class Run:
         model, optimizer = accelerator.prepare(model, optimizer)
         if ema is not None:
             ema.to(accelerator.device)
-        # what the first steps still allocate on the device: the optimizer's state (Adam's two moments)
-        place_decoded_images(loaders, cfg, accelerator, reserve_bytes=2 * sum(
-            p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
+        place_decoded_images(loaders, cfg, accelerator, model)
         scheduler = build_scheduler(cfg, optimizer, math.ceil(len(train_loader) / cfg.grad_accum_steps))
         run = cls(cfg, start, accelerator, splits, run_dir, model, optimizer, scheduler, train_loader, val_loader, ema,
                   guard=NonFiniteGuard(accelerator, cfg.on_nan, run_dir), loss_fn=make_loss(cfg),
