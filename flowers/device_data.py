@@ -60,6 +60,11 @@ class DecodedImages:
         from pinned memory."""
         if self.pixels.device.type == device.type:
             return self.pixels[device_rows]
+        if device.type == "cuda":
+            # gathered straight into page-locked memory (one host copy, not two: index, then pin);
+            # torch's caching host allocator reuses the block only once its copy has completed
+            pinned = torch.empty((len(rows), *self.pixels.shape[1:]), dtype=self.pixels.dtype, pin_memory=True)
+            return torch.index_select(self.pixels, 0, rows, out=pinned).to(device, non_blocking=True)
         return upload(self.pixels[rows], device)
 
 

@@ -336,3 +336,21 @@ def test_decoding_on_several_threads_gives_the_same_images_in_the_same_order(tmp
     assert torch.equal(one.transposed, four.transposed) and torch.equal(one.labels, four.labels)
     assert torch.equal(one.valid, four.valid) and not four.valid[7] and four.valid.sum() == len(photos) - 1
     assert torch.equal(dd.decode_eval_images(ds, SIZE, threads=1).pixels, dd.decode_eval_images(ds, SIZE, threads=4).pixels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_gather_on_cuda_gives_the_pixels_of_images_kept_on_the_gpu(tmp_path):
+    """The branch for sets that do not fit the GPU: gathered into pinned memory, copied without a sync."""
+    device = torch.device("cuda")
+    images = dd.decode_training_images(_dataset([_photo(*SHAPES[i % 4], seed=i) for i in range(8)], tmp_path), SIZE)
+    on_gpu = dd.DecodedImages(images.pixels.to(device), images.sizes, images.transposed, images.labels, images.valid)
+    loaders = [dd.DeviceLoader(i, dd.Shard(0, 1, 4), dd.TrainPixels(i, SIZE, 0, device), shuffle_seed=1)
+               for i in (images, on_gpu)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gathered, kept = ([b["pixel_values"] for b in loader.for_epoch(0)] for loader in loaders)
+        gathered, kept = list(gathered), list(kept)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(gathered, kept)) and len(gathered) == 2
