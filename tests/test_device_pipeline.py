@@ -349,8 +349,7 @@ def test_host_gather_on_cuda_gives_the_pixels_of_images_kept_on_the_gpu(tmp_path
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gathered, kept = ([b["pixel_values"] for b in loader.for_epoch(0)] for loader in loaders)
-        gathered, kept = list(gathered), list(kept)
+        gathered, kept = [[b["pixel_values"] for b in loader.for_epoch(0)] for loader in loaders]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(gathered, kept)) and len(gathered) == 2
