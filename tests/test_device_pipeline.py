@@ -317,6 +317,7 @@ def test_placement_leaves_the_reserve_free_and_device_cache_forces_either_place(
     assert dd.on_device(gib, torch.device("cpu"), "auto") and not dd.on_device(gib, torch.device("cpu"), "host")
 
 
+@pytest.mark.slow  # the fast loop runs --device-cache host in tests/test_host_sync.py
 def test_device_cache_host_keeps_the_photos_in_host_memory_and_trains(tmp_path):
     data = make_dataset(tmp_path / "flowers", per_class=2, classes=["a", "b"])
     run = run_cli("python", "train.py", "--data", str(data), "--output-dir", str(tmp_path / "out"), *TINY_TRAIN,

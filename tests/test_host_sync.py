@@ -170,13 +170,17 @@ TRACED = [pytest.param(r, marks=pytest.mark.slow) if r == "plain" else r for r i
 
 @pytest.mark.parametrize("recipe", TRACED)
 @pytest.mark.parametrize("pipeline", ["workers", "device"])
-def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, pipeline, recipe):
+def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, capsys, pipeline, recipe):
     data = make_dataset(tmp_path / "data", per_class=4, classes=["a", "b"])
     recorder = HostSyncRecorder()
+    # the device pipeline with every option: the photos kept in host memory, each batch gathered there
+    placement = ["--device-cache", "host"] if pipeline == "device" and recipe != "plain" else []
     # 6 training images in batches of 2: 3 steps; --grad-accum-steps 2 adds a short last cycle
     traced_fit(monkeypatch, ["--data", str(data), *TINY_TRAIN, "--batch-size", "2", "--epochs", "1",
                              "--val-split", "0.25", "--pipeline", pipeline, "--output-dir", str(tmp_path / "out"),
-                             *RECIPES[recipe]], recorder)
+                             *RECIPES[recipe], *placement], recorder)
+    if placement:
+        assert "kept on the host (--device-cache host)" in capsys.readouterr().out
     assert recorder.device_calls > 100  # the steps and evaluations were traced
     assert not recorder.syncs, "host syncs outside the documented periodic ones:\n" + "\n".join(
         f"  {call} at {where}" for call, where in recorder.syncs)
