@@ -436,10 +436,11 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
     # drop_last: a last batch of one image would crash BatchNorm in training mode
     drop_last = len(splits.train) > cfg.batch_size * accelerator.num_processes
     if pipeline == "device":
-        with accelerator.local_main_process_first():  # one progress bar per node at a time
-            # on the host until place_decoded_images (once the model and its optimizer are on the device)
-            train_images = dd.decode_training_images(splits.train, cfg.image_size)
-            val_images = dd.decode_eval_images(splits.val, cfg.image_size)
+        # every process decodes at once, on its share of the cores (no barrier for the others to wait
+        # in, which a large set could keep past the collective timeout); the bar is the local main's.
+        # On the host until place_decoded_images (once the model and its optimizer are on the device).
+        train_images = dd.decode_training_images(splits.train, cfg.image_size)
+        val_images = dd.decode_eval_images(splits.val, cfg.image_size)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
         train_pixels = dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device, cfg.channels_last)
         train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last)

@@ -243,12 +243,12 @@ def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tm
 RECORD_ROWS = """
 import json
 from flowers import device_data
-_call = device_data.TrainPixels.__call__
-def _recording(self, rows, device_rows, epoch):
+_plan = device_data.TrainPixels.plan
+def _recording(self, rows, epoch):
     with open(os.environ["ROWS"] + os.environ.get("RANK", "0"), "a") as f:
         f.write(json.dumps([epoch, rows.tolist()]) + "\\n")
-    return _call(self, rows, device_rows, epoch)
-device_data.TrainPixels.__call__ = _recording
+    return _plan(self, rows, epoch)
+device_data.TrainPixels.plan = _recording
 """
 
 
