@@ -1,79 +1,95 @@
 #!/usr/bin/env bash
-# GPU benchmark on one GPU; installs nothing and finishes in under 8 minutes on an H200.
+# The first contact with a GPU: one GPU, installs nothing, at most 5 minutes (the steps' timeouts
+# add up to 300 s), the most important checks first.
 #
-#   bash bench/gpu.sh [DATA_DIR]        # DATA_DIR default: $FLOWERS_DATA, else data/flower_dataset
-#   SIZE=32 EPOCHS=2 PRECISION=no bash bench/gpu.sh DATA_DIR     # the CPU dry run: must pass first
+#   bash bench/gpu.sh [DATA_DIR]     # DATA_DIR: $FLOWERS_DATA, else the flower set beside the checkout
+#                                    # (../shared/data/flower_dataset) or data/flower_dataset, else
+#                                    # generated photos of the flower set's sizes (it says which)
+#   DRY_RUN=1 bash bench/gpu.sh      # the CPU dry run (.ci/run): tiny sizes and 40 generated photos,
+#                                    # the same steps
 #
-# For both data pipelines (--pipeline workers: DataLoader workers + PIL; --pipeline device: decoded
-# images on the GPU, batches augmented there):
-# 1. bench/throughput.py at SIZE px, batch 32: model-only vs end-to-end img/s, start-up, peak memory.
-# 2. train.py for EPOCHS epochs at SIZE px, PRECISION, batch 32, with nvidia-smi sampling the GPU's
-#    utilisation and memory every 200 ms: the sum of epoch_time_s (training + validation, from
-#    history.jsonl), the whole command's time, the mean utilisation while training, the peak memory.
-# 3. The device pipeline at a larger batch (BIG_BATCH, default 128, learning rate scaled with it).
-# Logs and JSON go to $OUT (default /tmp/flowers-gpu-bench); caches and checkpoints to a temporary
-# folder. SIZE, EPOCHS and PRECISION default to 224, 25 and bf16.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# 1. the CUDA no-sync tests (tests/test_host_sync.py, tests/test_device_pipeline.py: -k cuda)
+# 2. 20 training steps under torch.cuda.set_sync_debug_mode("warn"), counting the warnings, without
+#    and with --ema-decay
+# 3. model-only vs end-to-end img/s (--pipeline device) at SIZE px, PRECISION, batch 32 and 128: host
+#    time a step (perf_counter) and GPU time (CUDA events); memory before and after the decoded images
+#    are placed and the peak at batch 128; the host-gather branch forced; CUDA vs CPU augmentation
+#    pixels for the same draws
+# 4. EPOCHS epochs of training.fit timed, epochs 2.. only (the first's warm-up and every checkpoint
+#    write outside the window), with the utilisation of the GPU in use (chosen by UUID; non-numeric
+#    samples, as under MIG, reported as unavailable)
+# 5. step 3's speeds with torch.compile (CUDA graphs), if its 40 s allow
+# Full logs go to $OUT (default /tmp/flowers-gpu-bench); caches and checkpoints to a temporary folder.
+# Relative paths (DATA_DIR, OUT) are the caller's. SIZE 224, EPOCHS 6, PRECISION bf16 by default.
+set -uo pipefail
+CALLER=$PWD
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
 
-DATA=${1:-${FLOWERS_DATA:-data/flower_dataset}}
+DRY_RUN=${DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+    SIZE=${SIZE:-32} EPOCHS=${EPOCHS:-2} PRECISION=${PRECISION:-no} STEPS=${STEPS:-2} BATCHES=${BATCHES:-4,8}
+    PER_CLASS=8
+else
+    SIZE=${SIZE:-224} EPOCHS=${EPOCHS:-6} PRECISION=${PRECISION:-bf16} STEPS=${STEPS:-20} BATCHES=${BATCHES:-32,128}
+    PER_CLASS=570
+fi
+GIVEN=${1:-${FLOWERS_DATA:-}}
+if [ -z "$GIVEN" ] && [ "$DRY_RUN" != 1 ]; then  # the dry run trains on 40 generated photos unless told
+    for candidate in "$REPO/../shared/data/flower_dataset" "$REPO/data/flower_dataset"; do
+        [ -d "$candidate" ] && { GIVEN=$candidate; break; }
+    done
+fi
+[ -n "$GIVEN" ] && GIVEN=$(absolute "$GIVEN")
 PYTHON=${PYTHON:-python3}
-OUT=${OUT:-/tmp/flowers-gpu-bench}
-SIZE=${SIZE:-224} EPOCHS=${EPOCHS:-25} PRECISION=${PRECISION:-bf16} BIG_BATCH=${BIG_BATCH:-128}
+case "$PYTHON" in */*) PYTHON=$(absolute "$PYTHON") ;; esac
+OUT=$(absolute "${OUT:-/tmp/flowers-gpu-bench}")
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-export HF_HOME=$WORK/hf HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1
-        --mixed_precision "$PRECISION" --dynamo_backend no)
-HAVE_SMI=$(command -v nvidia-smi >/dev/null && echo 1 || echo 0)
+export HF_HOME=$WORK/hf HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 WANDB_MODE=disabled \
+       PYTHONUNBUFFERED=1 ACCELERATE_MIXED_PRECISION=$PRECISION
+PROBE=("$PYTHON" "$REPO/bench/gpu_probe.py")
 FAILED=0
 
-[ "$HAVE_SMI" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PYTHON" -c "import torch, torchvision, accelerate, datasets; print('torch', torch.__version__, 'torchvision',
-  torchvision.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)"
-
-for pipeline in workers device; do
-    echo "== throughput, --pipeline $pipeline, $SIZE px, batch 32, $PRECISION (the first start-up builds the resized cache)"
-    timeout 150 "${LAUNCH[@]}" bench/throughput.py --data "$DATA" --image-size "$SIZE" --batch-size 32 \
-        --pipeline "$pipeline" --cache-resized --model-steps 100 --no-plain --json "$OUT/throughput-$pipeline.json" \
-        2>"$OUT/throughput-$pipeline.err" | grep -E "^(machine|startup|train|eval|peak)" \
-        || { echo "throughput.py failed: see $OUT/throughput-$pipeline.err"; FAILED=1; }
-done
-
-train() {  # train NAME [train.py flags]: EPOCHS epochs, the GPU sampled every 200 ms
-    local name=$1; shift
-    echo "== $name: train.py, $EPOCHS epochs at $SIZE px, $PRECISION $*"
-    local sampler=""
-    if [ "$HAVE_SMI" = 1 ]; then
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 >"$OUT/$name-smi.csv" &
-        sampler=$!
-    fi
-    local started finished
-    started=$(date +%s.%N)
-    timeout 200 "${LAUNCH[@]}" train.py --data "$DATA" --epochs "$EPOCHS" --image-size "$SIZE" --weights none \
-        --report-to none --cache-resized --output-dir "$WORK/$name" --run-name run "$@" \
-        >"$OUT/$name.log" 2>"$OUT/$name.err" || { echo "train.py failed (exit $?): see $OUT/$name.err"; FAILED=1; }
-    finished=$(date +%s.%N)
-    if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null || true; fi
-    grep -E "^(device pipeline|epoch (1|$EPOCHS)/|best)" "$OUT/$name.log" || true
-    "$PYTHON" - "$WORK/$name/run/history.jsonl" "$started" "$finished" <<'EOF' || FAILED=1
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-total = sum(r["epoch_time_s"] for r in rows)
-print(f"{len(rows)} epochs: {total:.1f} s of training + validation (epochs 2-{len(rows)}: "
-      f"{total - rows[0]['epoch_time_s']:.1f} s); best val_acc {max(r['val_accuracy'] for r in rows):.2%}; "
-      f"whole command {float(sys.argv[3]) - float(sys.argv[2]):.1f} s")
-EOF
-    if [ -n "$sampler" ]; then  # between the first and the last busy sample: start-up and shutdown left out
-        awk -F', *' '{u[NR] = $1; m[NR] = $2; if ($1 > 0) {if (!first) first = NR; last = NR}}
-             END {for (i = first; i <= last; i++) {n++; sum += u[i]; if (u[i] > 0) busy++; if (m[i] > peak) peak = m[i]}
-                  printf "while training: mean GPU utilisation %.0f%%, samples with the GPU busy %.0f%%, peak memory %.1f GiB\n",
-                         sum / n, 100 * busy / n, peak / 1024}' "$OUT/$name-smi.csv"
-    fi
+step() {  # step SECONDS NAME COMMAND...: its summary lines here, everything in $OUT/NAME.log
+    local seconds=$1 name=$2; shift 2
+    local started=$SECONDS
+    timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    local status=$?
+    grep -E "^(memory|model only|end to end|peak|host-gather|augmentation|sync warnings|  [0-9]+ x|epochs|GPU in use|[0-9]+ (passed|failed|skipped)|FAILED)" \
+        "$OUT/$name.log" | grep -v "it/s" || true
+    if [ $status = 124 ]; then echo "$name: did not finish in $seconds s (see $OUT/$name.log)"; FAILED=1
+    elif [ $status != 0 ]; then echo "$name: failed (exit $status; see $OUT/$name.log)"; FAILED=1
+    else echo "$name: done in $((SECONDS - started)) s"; fi
 }
-train workers-b32 --pipeline workers --batch-size 32
-train device-b32 --pipeline device --batch-size 32
-BIG_LR=$("$PYTHON" -c "print(2e-3 * $BIG_BATCH / 32)")
-train "device-b$BIG_BATCH" --pipeline device --batch-size "$BIG_BATCH" --lr "$BIG_LR"
+
+echo "== the machine"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,uuid,name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision',
+  torchvision.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
+echo "GPU in use: $("${PROBE[@]}" gpu-in-use)"
+echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+echo "== data"
+DATA=$(timeout 20 "${PROBE[@]}" data "$GIVEN" --out "$WORK" --per-class "$PER_CLASS") || { echo "no data"; exit 1; }
+COMMON=(--data "$DATA" --image-size "$SIZE" --work "$WORK")
+
+echo "== 1. the CUDA no-sync tests"
+step 45 no-sync-tests bash -c "cd '$REPO' && '$PYTHON' -m pytest -q -p no:cacheprovider tests/test_host_sync.py tests/test_device_pipeline.py -k cuda"
+echo "== 2. $STEPS steps under set_sync_debug_mode(\"warn\")"
+step 22 sync-warnings "${PROBE[@]}" sync-warnings "${COMMON[@]}" --steps "$STEPS" --batch-size "${BATCHES%%,*}"
+step 22 sync-warnings-ema "${PROBE[@]}" sync-warnings "${COMMON[@]}" --steps "$STEPS" --batch-size "${BATCHES%%,*}" \
+    --ema-decay 0.999
+echo "== 3. model-only vs end-to-end, $SIZE px, $PRECISION, batches $BATCHES"
+step 75 throughput "${PROBE[@]}" throughput "${COMMON[@]}" --batch-sizes "$BATCHES" --steps "$STEPS"
+echo "== 4. $EPOCHS epochs, batch ${BATCHES%%,*}, timed from epoch 2"
+step 75 epochs "${PROBE[@]}" epochs "${COMMON[@]}" --epochs "$EPOCHS" --batch-size "${BATCHES%%,*}" --smi "$(command -v nvidia-smi || true)"
+echo "== 5. step 3 with torch.compile (CUDA graphs), if 40 s allow"
+if [ "$DRY_RUN" = 1 ]; then
+    echo "compile: skipped in the dry run (torch.compile gains nothing on a CPU and costs ~40 s)"
+else
+    step 40 throughput-compile "${PROBE[@]}" throughput "${COMMON[@]}" --batch-sizes "$BATCHES" --steps "$STEPS" --compile
+fi
+echo "logs: $OUT"
 exit $FAILED

@@ -228,7 +228,8 @@ def main() -> None:
 
     from flowers import training  # everything train.py imports, so start-up compares
     from flowers.config import TrainConfig
-    from flowers.data import build_loaders, load_splits, resized_splits, resolve_data, resolve_pipeline
+    from flowers.data import (build_loaders, load_splits, place_decoded_images, resized_splits, resolve_data,
+                              resolve_pipeline)
     from flowers.engine import EpochOptions, evaluate, train_one_epoch
     from flowers.model import build_model
     from flowers.optim import build_optimizer, build_scheduler
@@ -260,6 +261,7 @@ def main() -> None:
     loaders = build_loaders(cfg, splits, accelerator, training.data_order_seed(cfg.seed))
     train_loader, val_loader, workers = loaders.train, loaders.val, loaders.workers
     model, optimizer = accelerator.prepare(model, optimizer)
+    place_decoded_images(loaders, cfg, accelerator, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     results.update(device=str(accelerator.device), precision=accelerator.mixed_precision, workers=workers,

@@ -218,6 +218,10 @@ class TrainConfig:
                         "batches augmented there, no workers), workers (DataLoader workers decode and augment "
                         "each photo with PIL), auto (device on a GPU, workers on a CPU)",
                         choices=["auto", "device", "workers"])
+    device_cache: str = arg("auto", "--pipeline device: where the decoded photos live: device (the training "
+                            "device's memory), host (host memory; each batch is gathered there and copied), auto "
+                            "(the device when they take at most a quarter of its memory left free by the model, "
+                            "its optimizer state and the EMA)", choices=["auto", "device", "host"])
     workers: int = arg(-1, "DataLoader worker processes per process (--pipeline workers); -1 picks from the core count",
                        valid=span("[-1, 1024]"))
     channels_last: bool = arg(True, "use the channels_last memory format (faster on CPU and GPU)")

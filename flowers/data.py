@@ -413,6 +413,20 @@ class Loaders:
     workers: int  # DataLoader workers per process (0 on the device path)
 
 
+def place_decoded_images(loaders: Loaders, cfg: TrainConfig, accelerator, model) -> None:
+    """--pipeline device: move the decoded photos to the training device as --device-cache says.
+    Call it once `model`, its optimizer and the EMA are on the device; what the first step will
+    still allocate there, the optimizer's state (Adam's two moments), is left out of the free memory."""
+    if loaders.pipeline != "device":
+        return
+    reserve_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    train, val = loaders.train.images, loaders.val.images
+    nbytes = train.pixels.numel() + val.pixels.numel()
+    where = dd.place_both(train, val, accelerator.device, cfg.device_cache, reserve_bytes)
+    accelerator.print(f"device pipeline: {len(train)} + {len(val)} images decoded, {nbytes / 2**30:.2f} GiB in this "
+                      f"process, kept on {where} (--device-cache {cfg.device_cache})")
+
+
 def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: int) -> Loaders:
     """The loaders of a TrainConfig for this process, prepared by `accelerator` (the workers path)
     or sharded by this module (the device path: see device_data.py). `splits` holds images at
@@ -422,15 +436,15 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
     # drop_last: a last batch of one image would crash BatchNorm in training mode
     drop_last = len(splits.train) > cfg.batch_size * accelerator.num_processes
     if pipeline == "device":
-        with accelerator.local_main_process_first():  # one progress bar per node at a time
-            train_images = dd.place(dd.decode_training_images(splits.train, cfg.image_size), device)
-            val_images = dd.place(dd.decode_eval_images(splits.val, cfg.image_size), device)
+        # every process decodes at once, on its share of the cores (no barrier for the others to wait
+        # in, which a large set could keep past the collective timeout); the bar is the local main's.
+        # On the host until place_decoded_images (once the model and its optimizer are on the device).
+        train_images = dd.decode_training_images(splits.train, cfg.image_size)
+        val_images = dd.decode_eval_images(splits.val, cfg.image_size)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
-        train = dd.DeviceLoader(train_images, shard, dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device),
-                                shuffle_seed=shuffle_seed, drop_last=drop_last)
-        val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device))
-        accelerator.print(f"device pipeline: {len(train_images)} + {len(val_images)} images decoded, kept on "
-                          f"{train_images.pixels.device} ({(train_images.pixels.numel() + val_images.pixels.numel()) / 2**30:.2f} GiB)")
+        train_pixels = dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device, cfg.channels_last)
+        train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last)
+        val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device, cfg.channels_last))
         return Loaders(train, val, pipeline, 0)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device.type)
     options = LoaderOptions(workers=workers, device_type=device.type, image_size=cfg.image_size, seed=cfg.seed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -29,6 +30,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from flowers import imagefiles
+from flowers.runtime import usable_cores
 from flowers.transforms import (BatchAugmentation, DeviceNormalise, eval_pixels, eval_size, example_seed,
                                 sample_augmentation, upload)
 
@@ -58,19 +60,33 @@ class DecodedImages:
         from pinned memory."""
         if self.pixels.device.type == device.type:
             return self.pixels[device_rows]
+        if device.type == "cuda":
+            # gathered straight into page-locked memory (one host copy, not two: index, then pin);
+            # torch's caching host allocator reuses the block only once its copy has completed
+            pinned = torch.empty((len(rows), *self.pixels.shape[1:]), dtype=self.pixels.dtype, pin_memory=True)
+            return torch.index_select(self.pixels, 0, rows, out=pinned).to(device, non_blocking=True)
         return upload(self.pixels[rows], device)
 
 
-def _rows(ds: Dataset, desc: str) -> Iterator[tuple[Optional[PILImage.Image], int]]:
-    """Each image of `ds` decoded (None with a warning when it no longer decodes) and its label."""
+def decode_threads() -> int:
+    """Threads decoding photos in each process: this process's share of the cores (PIL decodes
+    without holding the GIL), at most 8."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, usable_cores() // max(1, local_processes)))
+
+
+def _rows(ds: Dataset, desc: str, threads: Optional[int] = None) -> Iterator[tuple[Optional[PILImage.Image], int]]:
+    """Each image of `ds` decoded (None with a warning when it no longer decodes) and its label, in
+    order; a chunk's photos are decoded on `threads` threads (decode_threads() when None)."""
     source = ds.cast_column("image", Image(decode=False))
     # one bar per node, on a terminal only (a log file gets the summary line that follows)
     quiet = not sys.stderr.isatty() or os.environ.get("LOCAL_RANK", "0") != "0"
-    with tqdm(total=len(ds), desc=desc, leave=False, dynamic_ncols=True, disable=quiet) as bar:
+    with tqdm(total=len(ds), desc=desc, leave=False, dynamic_ncols=True, disable=quiet) as bar, \
+            ThreadPoolExecutor(threads or decode_threads()) as pool:
         for start in range(0, len(ds), DECODE_CHUNK):
             chunk = source[start:start + DECODE_CHUNK]
-            for entry, label in zip(chunk["image"], chunk["label"]):
-                yield imagefiles.load_rgb_or_none(entry), label
+            for img, label in zip(pool.map(imagefiles.load_rgb_or_none, chunk["image"]), chunk["label"]):
+                yield img, label
                 bar.update()
 
 
@@ -79,12 +95,12 @@ def _stack(canvas: torch.Tensor, sizes: list, transposed: list, labels: list, va
                          torch.tensor(labels, dtype=torch.long), torch.tensor(valid, dtype=torch.bool))
 
 
-def decode_training_images(ds: Dataset, image_size: int) -> DecodedImages:
+def decode_training_images(ds: Dataset, image_size: int, threads: Optional[int] = None) -> DecodedImages:
     """`ds` (photos at evaluation's short side, see data.resized_copy) in canvases, on the host."""
     short = eval_size(image_size)
     canvas = torch.zeros(len(ds), 3, short, 2 * short, dtype=torch.uint8)
     sizes, transposed, labels, valid = [], [], [], []
-    for i, (img, label) in enumerate(_rows(ds, "decoding training images")):
+    for i, (img, label) in enumerate(_rows(ds, "decoding training images", threads)):
         valid.append(img is not None)
         if img is None:
             img = PILImage.new("RGB", (short, short))
@@ -102,12 +118,12 @@ def decode_training_images(ds: Dataset, image_size: int) -> DecodedImages:
     return _stack(canvas, sizes, transposed, labels, valid)
 
 
-def decode_eval_images(ds: Dataset, image_size: int) -> DecodedImages:
+def decode_eval_images(ds: Dataset, image_size: int, threads: Optional[int] = None) -> DecodedImages:
     """`ds` as evaluation's uint8 centre crops (the PIL path's pixels before normalisation)."""
     crop = eval_pixels(image_size)
     pixels = torch.zeros(len(ds), 3, image_size, image_size, dtype=torch.uint8)
     labels, valid = [], []
-    for i, (img, label) in enumerate(_rows(ds, "decoding validation images")):
+    for i, (img, label) in enumerate(_rows(ds, "decoding validation images", threads)):
         if img is not None:
             pixels[i] = torch.from_numpy(np.array(crop(img))).permute(2, 0, 1)
         labels.append(label)
@@ -115,19 +131,41 @@ def decode_eval_images(ds: Dataset, image_size: int) -> DecodedImages:
     return _stack(pixels, [(image_size, image_size)] * len(ds), [False] * len(ds), labels, valid)
 
 
-def place(images: DecodedImages, device: torch.device) -> DecodedImages:
-    """Move the decoded pixels to `device` when they fit in DEVICE_SHARE of its free memory
-    (a CPU's own memory always holds them); otherwise they stay on the host (see gather)."""
-    nbytes = images.pixels.numel()
+def free_device_memory(device: torch.device) -> Optional[int]:
+    """Bytes the device can still allocate (None for the CPU, whose memory is the host's)."""
     if device.type == "cuda":
-        fits = nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
-    elif device.type == "mps":
-        fits = nbytes <= DEVICE_SHARE * (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    else:
-        fits = device.type == "cpu"
-    if fits:
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return None
+
+
+def on_device(nbytes: int, device: torch.device, cache: str = "auto", reserve_bytes: int = 0,
+              free_bytes: Optional[int] = None) -> bool:
+    """Whether decoded photos of `nbytes` go to `device`: --device-cache device or host as told; auto
+    when they take at most DEVICE_SHARE of the free memory (`free_bytes`, read from the device when
+    None) less `reserve_bytes`. A CPU keeps them in its own memory either way."""
+    if cache != "auto" or device.type == "cpu":
+        return cache != "host"
+    free = free_device_memory(device) if free_bytes is None else free_bytes
+    return free is not None and nbytes <= DEVICE_SHARE * max(0, free - reserve_bytes)
+
+
+def place(images: DecodedImages, device: torch.device, cache: str = "auto", reserve_bytes: int = 0) -> DecodedImages:
+    """Move the decoded pixels to `device` as on_device decides; otherwise they stay on the host
+    (see gather)."""
+    if on_device(images.pixels.numel(), device, cache, reserve_bytes):
         images.pixels = images.pixels.to(device)
     return images
+
+
+def place_both(train: DecodedImages, val: DecodedImages, device: torch.device, cache: str = "auto",
+               reserve_bytes: int = 0) -> str:
+    """Place both splits together (both on the device, or both on the host); where they are."""
+    if on_device(train.pixels.numel() + val.pixels.numel(), device, cache, reserve_bytes):
+        train.pixels, val.pixels = train.pixels.to(device), val.pixels.to(device)
+        return str(device)
+    return "the host"
 
 
 @dataclass(frozen=True)
@@ -154,10 +192,14 @@ class DeviceLoader(DataLoaderStateMixin):
     nowhere: every process gets batches of the same size, and gathered evaluation results hold
     each image exactly once, in the split's order. Accelerate's gradient state is told where the
     epoch ends, as a prepared DataLoader tells it (gradient accumulation syncs on the last batch).
-    `make_pixels` (TrainPixels, EvalPixels) turns the batch's rows into its pixels on the device."""
+    `make_pixels` (TrainPixels, EvalPixels) turns the batch's rows into its pixels: its `plan` (the
+    host's part) travels to the device with the rows, labels and valid flags in one copy, and its
+    `apply` makes the pixels there."""
 
     def __init__(self, images: DecodedImages, shard: Shard, make_pixels: "TrainPixels | EvalPixels",
                  shuffle_seed: Optional[int] = None, drop_last: bool = False):
+        if len(images) >= 2**24:
+            raise ValueError(f"{len(images)} images: the device pipeline numbers them in float32, up to 2**24")
         self.images, self.shard, self.make_pixels = images, shard, make_pixels
         self.shuffle_seed = shuffle_seed
         self.drop_last = drop_last and len(images) >= shard.global_batch
@@ -191,9 +233,13 @@ class DeviceLoader(DataLoaderStateMixin):
                 rows = order[positions % n]
                 valid = self.images.valid[rows] & (positions < n)
                 self.end_of_dataloader = k == batches - 1
-                on_device = upload(torch.stack([rows, self.images.labels[rows], valid.long()]), device)
-                yield {"pixel_values": self.make_pixels(rows, on_device[0], self.epoch), "labels": on_device[1],
-                       "valid": on_device[2].bool()}
+                # the batch's rows, labels, valid flags and the pixels' plan: one copy to the device
+                # (float32 holds row numbers exactly below 2**24)
+                on_device = upload(torch.cat([torch.stack([rows, self.images.labels[rows], valid], dim=1).float(),
+                                              self.make_pixels.plan(rows, self.epoch)], dim=1), device)
+                device_rows = on_device[:, 0].long()
+                yield {"pixel_values": self.make_pixels.apply(rows, device_rows, on_device[:, 3:]),
+                       "labels": on_device[:, 1].long(), "valid": on_device[:, 2].bool()}
         finally:
             self.start_batch = 0
             self.end()
@@ -204,24 +250,41 @@ class TrainPixels:
     generator (example_seed(seed, epoch, index), as data.SeededAugmentation draws them), the pixel
     work done for the whole batch on the device (transforms.BatchAugmentation)."""
 
-    def __init__(self, images: DecodedImages, image_size: int, seed: int, device: torch.device):
+    def __init__(self, images: DecodedImages, image_size: int, seed: int, device: torch.device,
+                 channels_last: bool = True):
         self.images, self.image_size, self.seed, self.device = images, image_size, seed, device
-        self.augment = BatchAugmentation(image_size)
+        self.augment = BatchAugmentation(image_size, channels_last=channels_last)
 
-    def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
+    def plan(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The host's part of the batch of `rows` (see BatchAugmentation.plan)."""
         params = []
         for index in rows.tolist():
             height, width = self.images.sizes[index]
             generator = torch.Generator().manual_seed(example_seed(self.seed, epoch, index))
             params.append(sample_augmentation(width, height, self.image_size, generator))
-        return self.augment(self.images.gather(rows, device_rows, self.device), self.images.transposed[rows], params)
+        canvas = self.images.pixels.shape
+        return self.augment.plan((canvas[-1], canvas[-2]), self.images.transposed[rows], params)
+
+    def apply(self, rows: torch.Tensor, device_rows: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """The batch's pixels on the device, from `plan` there."""
+        return self.augment.apply(self.images.gather(rows, device_rows, self.device), plan)
+
+    def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.apply(rows, device_rows, upload(self.plan(rows, epoch), self.device))
 
 
 class EvalPixels:
-    """Evaluation pixels: the stored centre crops, normalised on the device."""
+    """Evaluation pixels: the stored centre crops, normalised on the device (channels-last unless
+    `channels_last` is False: the model's layout)."""
 
-    def __init__(self, images: DecodedImages, device: torch.device):
-        self.images, self.device, self.normalise = images, device, DeviceNormalise()
+    def __init__(self, images: DecodedImages, device: torch.device, channels_last: bool = True):
+        self.images, self.device, self.normalise = images, device, DeviceNormalise(channels_last=channels_last)
+
+    def plan(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        return torch.zeros(len(rows), 0)  # nothing drawn
+
+    def apply(self, rows: torch.Tensor, device_rows: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        return self.normalise(self.images.gather(rows, device_rows, self.device))
 
     def __call__(self, rows: torch.Tensor, device_rows: torch.Tensor, epoch: int) -> torch.Tensor:
-        return self.normalise(self.images.gather(rows, device_rows, self.device))
+        return self.apply(rows, device_rows, torch.zeros(len(rows), 0))

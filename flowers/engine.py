@@ -113,9 +113,14 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                 break
     if guard is not None:
         guard.check()  # before the caller evaluates or saves anything
-    loss_sum, correct, seen = accelerator.reduce(running.clone(), reduction="sum").tolist()
+    loss_sum, correct, seen = _sum_over_processes(accelerator, running)
     return EpochStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), samples=int(seen),
                       seconds=time.perf_counter() - start)
+
+
+def _sum_over_processes(accelerator: Accelerator, running: torch.Tensor) -> list[float]:
+    """The epoch's sums over all processes, on the host: a host sync, once an epoch."""
+    return accelerator.reduce(running.clone(), reduction="sum").tolist()
 
 
 def _accumulation_tail(batches: int, accumulate: int) -> tuple[int, float]:
@@ -192,7 +197,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "ev
     (scores: logits; with `tta`, see predict_logits)."""
     model.eval()
     release_freed_memory()  # before the loader's workers may be forked (see release_freed_memory)
-    scores, labels, losses = [], [], []
+    parts: list[tuple[torch.Tensor, ...]] = []  # per batch, gathered, on the device until the end
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                       disable=not show_progress(accelerator)):
@@ -202,11 +207,15 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, desc: str = "ev
             logits = predict_logits(model, _images(batch, channels_last), tta).float()
         per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
         # every process gathers batches of equal size; images that did not decode are left out after
-        logits, batch_labels, per_example, valid = accelerator.gather_for_metrics(
-            (logits, batch["labels"], per_example, batch["valid"]))
-        keep = valid.cpu()
-        scores.append(logits.cpu()[keep])
-        labels.append(batch_labels.cpu()[keep])
-        losses.append(per_example.cpu()[keep])
-    return EvalOutput(scores=torch.cat(scores).numpy(), labels=torch.cat(labels).numpy(),
-                      losses=torch.cat(losses).numpy(), seconds=time.perf_counter() - start)
+        parts.append(accelerator.gather_for_metrics((logits, batch["labels"], per_example, batch["valid"])))
+    scores, labels, losses, valid = _to_host(parts)
+    return EvalOutput(scores=scores[valid].numpy(), labels=labels[valid].numpy(), losses=losses[valid].numpy(),
+                      seconds=time.perf_counter() - start)
+
+
+def _to_host(parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Each field of the batches' gathered outputs, concatenated on the device and copied to the
+    host: the one host sync of an evaluation (a copy per batch would wait for every batch)."""
+    if not parts:
+        return [torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, dtype=torch.bool)]
+    return [torch.cat(field).cpu() for field in zip(*parts)]

@@ -104,37 +104,34 @@ class EarlyStopping:
 
 
 class WeightEMA:
-    """Exponential moving average of a model's weights and buffers (BatchNorm running statistics),
-    with torch's AveragedModel doing the bookkeeping.
+    """Exponential moving average of a model's weights and buffers (BatchNorm running statistics).
 
     The decay warms up: after t updates it is min(decay, (1 + t) / (10 + t)), so the average
     forgets the initial weights within the first few dozen steps instead of keeping decay**steps
-    of them (17% after 1,775 steps at 0.999). Integer buffers (num_batches_tracked) are copied.
-    Build it from the plain model (not DDP-wrapped, not compiled) and update it from
-    `accelerator.unwrap_model(model, keep_torch_compile=False)`, so its keys are the model's own.
-    """
+    of them (17% after 1,775 steps at 0.999). The first update copies the weights; integer buffers
+    (num_batches_tracked) are copied. Build it from the plain model (not DDP-wrapped, not
+    compiled) and update it from `accelerator.unwrap_model(model, keep_torch_compile=False)`, so
+    its keys are the model's own.
+
+    torch's AveragedModel holds the copy and gives the saved state its layout ("module.*" and
+    "n_averaged"), but its update_parameters reads its on-device counter twice per update (a host
+    sync each). The update here is the same arithmetic (a foreach lerp, bit-identical) with the
+    count kept on the host, so the host never waits for the device: runs saved either way resume
+    exactly."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=True).eval()
+        self.averaged = AveragedModel(model, use_buffers=True).eval()
         self.module = self.averaged.module
         self.module.requires_grad_(False)
-        self._weight = 1.0
 
     def decay_at(self, updates: int) -> float:
         """The decay applied by the update that follows `updates` earlier ones."""
         return min(self.decay, (1 + updates) / (10 + updates))
 
-    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _num_averaged) -> None:
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, self._weight)  # grouped by dtype by AveragedModel
-        else:
-            torch._foreach_copy_(averaged, current)
-
     @torch.no_grad()
     def update(self, model: nn.Module, distributed: bool = False) -> None:
-        """After an optimizer step. The decay is computed on the host from our own count: reading
-        AveragedModel's on-device counter would wait for the device every step.
+        """After an optimizer step; device ops only, the decay computed on the host.
 
         `distributed` (DDP): the parameters are the same on every process, but each process's
         BatchNorm statistics saw only its own batch. DDP gives every process the first one's at
@@ -142,8 +139,17 @@ class WeightEMA:
         keeps the average the same on every process, at the cost of one broadcast per step."""
         if distributed:
             _broadcast_buffers_from_main(model)
-        self._weight = 1 - self.decay_at(self.updates)
-        self.averaged.update_parameters(model)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        others = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating],
+                                 1 - self.decay_at(self.updates))
+            if others:
+                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
         self.updates += 1
 
     def to(self, device) -> "WeightEMA":
@@ -151,13 +157,14 @@ class WeightEMA:
         return self
 
     def state_dict(self) -> dict:
+        self.averaged.n_averaged.fill_(self.updates)  # AveragedModel's count, as its own update keeps it
         return {"averaged": self.averaged.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         if "averaged" not in state:  # saved before AveragedModel (no warmup): the module's weights alone
             self.module.load_state_dict(state)
-            self.averaged.n_averaged.fill_(1)
             self.updates = 10**9  # past any warmup: decay_at() is the configured decay
+            self.averaged.n_averaged.fill_(self.updates)
             return
         self.averaged.load_state_dict(state["averaged"])
         self.updates = int(state["updates"])

@@ -54,6 +54,7 @@ def make_accelerator(seed: int, grad_accum_steps: int = 1, log_with: Optional[li
         step_scheduler_with_optimizer=False,
     )
     _configure_cpu_threads(accelerator)
+    _configure_cudnn(accelerator)
     _warn_slow_precision(accelerator)
     return accelerator
 
@@ -64,6 +65,14 @@ def _configure_cpu_threads(accelerator: Accelerator) -> None:
         return
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     torch.set_num_threads(max(1, usable_cores() // max(1, local_procs)))
+
+
+def _configure_cudnn(accelerator: Accelerator) -> None:
+    """On CUDA, cuDNN times its convolution algorithms for each new shape at its first use and keeps
+    the fastest: a training run's shapes are fixed (a few batch sizes), so that pays off after the
+    first steps. The choice can differ between launches (see docs/reference.md, Reproducibility)."""
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def release_freed_memory() -> None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from flowers import calibration, checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
-from flowers.data import AUTO, Splits, build_loaders, load_splits, resized_splits, resolve_data, resolve_pipeline
+from flowers.data import (AUTO, Splits, build_loaders, load_splits, place_decoded_images, resized_splits, resolve_data,
+                          resolve_pipeline)
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
 from flowers.engine import EpochOptions, EpochStats, EvalOutput, evaluate, train_one_epoch
@@ -252,6 +253,7 @@ class Run:
         model, optimizer = accelerator.prepare(model, optimizer)
         if ema is not None:
             ema.to(accelerator.device)
+        place_decoded_images(loaders, cfg, accelerator, model)
         scheduler = build_scheduler(cfg, optimizer, math.ceil(len(train_loader) / cfg.grad_accum_steps))
         run = cls(cfg, start, accelerator, splits, run_dir, model, optimizer, scheduler, train_loader, val_loader, ema,
                   guard=NonFiniteGuard(accelerator, cfg.on_nan, run_dir), loss_fn=make_loss(cfg),

@@ -7,6 +7,7 @@ tensors on any device (--pipeline device). Both work on uint8 pixels and normali
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -38,8 +39,7 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
     sync) compute the same matrices. Hue is a rotation about the grey axis, the usual linear
     stand-in for an HSV hue shift."""
     dtype, device, n = mean_rgb.dtype, mean_rgb.device, len(order)
-    # constants made on the host and queued for the device (torch.tensor(..., device=cuda) would wait for it)
-    luma = upload(torch.tensor(LUMA, dtype=dtype), device)
+    luma, cross = _colour_constants(dtype, device)
     eye = torch.eye(4, dtype=dtype, device=device)
     brightness, contrast, saturation, hue = factors.to(dtype).unbind(1)
     steps = eye.repeat(n, 4, 1, 1)  # (B, kind, 4, 4)
@@ -49,7 +49,6 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
                                     + (1 - saturation)[:, None, None] * luma.expand(3, 3))
     angle = 2 * math.pi * hue
     axis = torch.full((3,), 1 / math.sqrt(3), dtype=dtype, device=device)
-    cross = upload(torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype) / math.sqrt(3), device)
     steps[:, HUE, :3, :3] = (angle.cos()[:, None, None] * eye[:3, :3] + angle.sin()[:, None, None] * cross
                              + (1 - angle.cos())[:, None, None] * torch.outer(axis, axis))
     matrix = eye.repeat(n, 1, 1)
@@ -63,6 +62,15 @@ def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.
         step[:, :3, 3] = shift[:, None]
         matrix = step @ matrix
     return matrix[:, :3]
+
+
+@functools.lru_cache(maxsize=None)
+def _colour_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey weights and the hue rotation's cross-product matrix, made on the host and copied to
+    `device` once (torch.tensor(..., device=cuda) would make the host wait for the device)."""
+    luma = torch.tensor(LUMA, dtype=dtype)
+    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype) / math.sqrt(3)
+    return upload(luma, device), upload(cross, device)
 
 
 def draw_jitter(spread: tuple[float, float, float, float] = JITTER,
@@ -163,12 +171,14 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` (on the host) on `device`, without making the host wait for the device's queued
-    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. Elsewhere a
-    plain copy: on MPS a non-blocking copy of a temporary can deliver garbage (PyTorch issues
-    #139550, #189690)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    work: on CUDA the copy is from page-locked memory, so it is queued like a kernel. On the CPU
+    the tensor itself. Elsewhere a plain copy: on MPS a non-blocking copy of a temporary can deliver
+    garbage (PyTorch issues #139550, #189690)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "cpu":
+        return tensor
+    return tensor.to(device)
 
 
 def _uniform(low: float, high: float, generator: Optional[torch.Generator]) -> float:
@@ -295,44 +305,65 @@ class BatchAugmentation:
     in one step instead of an antialiased resize then a nearest-neighbour warp, and colours not
     rounded to uint8 in between (see tests/test_device_pipeline.py for the measured tolerance)."""
 
-    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.image_size, self.normalise = image_size, DeviceNormalise(mean, std)
+    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = True):
+        self.image_size, self.normalise = image_size, DeviceNormalise(mean, std, channels_last)
 
-    def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
-        n, size, device = len(params), self.image_size, canvas.device
+    PLAN_COLUMNS = 20  # per image: two 2x3 sampling matrices, the colour steps' order and factors
+
+    def plan(self, canvas_size: tuple[int, int], transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
+        """The host's part of a batch, as float32 rows (N, PLAN_COLUMNS) to be copied to the device
+        in one piece: the grid of the crop and of the canvas (canvas_size: width, height) as 2x3
+        matrices, the colour jitter's order and factors (all exact in float32)."""
+        n, size = len(params), self.image_size
         inverse_affine, to_source = _warp_matrices(params, size)
         out_to_crop = inverse_affine @ torch.linalg.inv(_normalised_coords(size, size))
         swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
         lying = transposed.cpu()[:, None, None]
         source_to_canvas = torch.where(lying, swap, torch.eye(3, dtype=torch.float64))
-        to_canvas = _normalised_coords(canvas.shape[-1], canvas.shape[-2]) @ source_to_canvas @ to_source @ out_to_crop
+        to_canvas = _normalised_coords(*canvas_size) @ source_to_canvas @ to_source @ out_to_crop
         crop_grid_theta = (_normalised_coords(size, size) @ out_to_crop)[:, :2]
-        thetas = upload(torch.stack([crop_grid_theta, to_canvas[:, :2]]).float(), device)
+        thetas = torch.stack([crop_grid_theta, to_canvas[:, :2]], dim=1).float().reshape(n, 12)
+        colour = torch.tensor([(*p.colour_order, *p.colour_factors) for p in params], dtype=torch.float32)
+        return torch.cat([thetas, colour.reshape(n, 8)], dim=1)
+
+    def apply(self, canvas: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """The device's part: `canvas` (N, 3, H, W) augmented as `plan` (on its device) says."""
+        n, size = len(plan), self.image_size
+        thetas = plan[:, :12].reshape(n, 2, 2, 3)
         shape = [n, 3, size, size]
         # outside the crop the PIL executor's warp fills black: so does this one, not the photo around the crop
-        in_crop = F.affine_grid(thetas[0], shape, align_corners=False).abs().amax(dim=-1) <= 1
-        grid = F.affine_grid(thetas[1], shape, align_corners=False)
+        in_crop = F.affine_grid(thetas[:, 0], shape, align_corners=False).abs().amax(dim=-1) <= 1
+        grid = F.affine_grid(thetas[:, 1], shape, align_corners=False)
         pixels = F.grid_sample(canvas.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         pixels = pixels * in_crop[:, None]
-        order = upload(torch.tensor([p.colour_order for p in params]), device)
-        factors = upload(torch.tensor([p.colour_factors for p in params]), device)
-        colour = colour_matrices(order, factors, pixels.mean(dim=(2, 3)))
+        colour = colour_matrices(plan[:, 12:16].long(), plan[:, 16:20], pixels.mean(dim=(2, 3)))
         pixels = torch.baddbmm(colour[:, :, 3:], colour[:, :, :3], pixels.flatten(2)).clamp_(0, 255)
         return self.normalise(pixels.view(shape))
+
+    def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
+        plan = self.plan((canvas.shape[-1], canvas.shape[-2]), transposed, params)
+        return self.apply(canvas, upload(plan, canvas.device))
 
 
 class DeviceNormalise:
     """uint8 (or 0-255 float) pixels (N, 3, H, W) -> normalised float32 on their device, with the
-    same float operations as ToNormalisedTensor, so evaluation pixels are identical on both paths."""
+    same float operations as ToNormalisedTensor, so evaluation pixels are identical on both paths.
+    Written channels-last (the model's layout, see --channels-last) unless `channels_last` is
+    False; the scale and shift are copied to each device once, without a host sync."""
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = True):
         self.scale = (1 / (255 * torch.tensor(std)))[:, None, None]
         self.shift = (-torch.tensor(mean) / torch.tensor(std))[:, None, None]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.scale.device != pixels.device:
-            self.scale, self.shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
-        return pixels.float().mul_(self.scale).add_(self.shift)
+        device = pixels.device
+        if device not in self._on_device:
+            self._on_device[device] = (upload(self.scale, device), upload(self.shift, device))
+        scale, shift = self._on_device[device]
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=device, memory_format=self.memory_format)
+        return torch.mul(pixels, scale, out=out).add_(shift)
 
 
 def eval_size(image_size: int) -> int:

@@ -211,3 +211,14 @@ def test_ddp_agrees_on_stop_signals_every_few_steps_not_every_step(tmp_path):
         assert counted["steps"] == 24  # 96 images over 2 ranks, batch 2
         # stop checks after steps 10 and 20 (CHECK_EVERY), and the epoch's sums at its end
         assert counted["collectives"] == [3], counted
+
+
+def test_cudnn_benchmark_is_on_for_cuda_runs_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from flowers.runtime import _configure_cudnn
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    _configure_cudnn(SimpleNamespace(device=torch.device("cpu")))
+    assert torch.backends.cudnn.benchmark is False
+    _configure_cudnn(SimpleNamespace(device=torch.device("cuda", 0)))
+    assert torch.backends.cudnn.benchmark is True

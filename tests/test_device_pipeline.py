@@ -162,7 +162,10 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(processes, drop_last):
     class Rows:  # the loader's rows, as its "pixels"
         device = torch.device("cpu")
 
-        def __call__(self, rows, device_rows, epoch):
+        def plan(self, rows, epoch):
+            return torch.zeros(len(rows), 0)
+
+        def apply(self, rows, device_rows, plan):
             return device_rows
 
     loaders = [dd.DeviceLoader(images, dd.Shard(r, processes, batch), Rows(), shuffle_seed=7, drop_last=drop_last)
@@ -222,7 +225,7 @@ def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tm
     out = tmp_path / "out"
     train = ("train.py", "--data", str(data), "--output-dir", str(out), *DEVICE_RUN)
     whole = run_cli("python", *train, "--run-name", "whole", timeout=1200)
-    assert "device pipeline: 20 + 5 images decoded, kept on cpu" in whole.stdout
+    assert "device pipeline: 20 + 5 images decoded, 0.00 GiB in this process, kept on cpu" in whole.stdout
     stopped = interrupt_mid_epoch([sys.executable, *train, "--run-name", "cut", "--save-every-steps", "2"],
                                   out / "cut", global_step=6, timeout=1200)
     assert stopped.returncode != 0, stopped.stdout[-2000:]
@@ -240,12 +243,12 @@ def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tm
 RECORD_ROWS = """
 import json
 from flowers import device_data
-_call = device_data.TrainPixels.__call__
-def _recording(self, rows, device_rows, epoch):
+_plan = device_data.TrainPixels.plan
+def _recording(self, rows, epoch):
     with open(os.environ["ROWS"] + os.environ.get("RANK", "0"), "a") as f:
         f.write(json.dumps([epoch, rows.tolist()]) + "\\n")
-    return _call(self, rows, device_rows, epoch)
-device_data.TrainPixels.__call__ = _recording
+    return _plan(self, rows, epoch)
+device_data.TrainPixels.plan = _recording
 """
 
 
@@ -274,3 +277,80 @@ def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics
     assert "matches the accuracy recorded at training time" in evaluated.stdout, evaluated.stdout
     result = json.loads(next((out / "ddp").glob("eval-last*/results.json")).read_text())
     assert abs(result["metrics"]["loss"] - history[-1]["val_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_device_normalisation_writes_the_model_layout_with_the_pil_paths_values(channels_last):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g)
+    normalised = T.DeviceNormalise(channels_last=channels_last)(pixels)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert normalised.is_contiguous(memory_format=layout) and normalised.dtype == torch.float32
+    pil = torch.stack([T.ToNormalisedTensor()(PILImage.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels])
+    assert torch.equal(normalised, pil)  # bit for bit: evaluation is the same on both pipelines
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_one_copy_to_the_device_per_training_batch_two_when_gathered_on_the_host(tmp_path, monkeypatch, on_host):
+    """The rows, labels, valid flags and augmentation plan travel together; the host-gather branch
+    adds the batch's pixels (transforms.upload is the one way host tensors reach the device)."""
+    images = dd.decode_training_images(_dataset([_photo(*SHAPES[i % 4], seed=i) for i in range(8)], tmp_path), SIZE)
+    copies = []
+    monkeypatch.setattr(T, "upload", lambda tensor, device: copies.append(tensor.shape) or tensor)
+    monkeypatch.setattr(dd, "upload", T.upload)
+    if on_host:  # the host-gather branch: pixels on the host, batches made for another device
+        monkeypatch.setattr(dd.DecodedImages, "gather",
+                            lambda self, rows, device_rows, device: T.upload(self.pixels[rows], device))
+    loader = dd.DeviceLoader(images, dd.Shard(0, 1, 4), dd.TrainPixels(images, SIZE, 0, torch.device("cpu")),
+                             shuffle_seed=1)
+    list(loader.for_epoch(0))  # the first copies the constants (colour, normalisation) to the device, once
+    copies.clear()
+    batches = list(loader.for_epoch(1))
+    assert len(copies) == len(batches) * (2 if on_host else 1)
+
+
+def test_placement_leaves_the_reserve_free_and_device_cache_forces_either_place():
+    cuda, gib = torch.device("cuda"), 2**30
+    assert dd.on_device(gib, cuda, "auto", free_bytes=8 * gib)                     # a quarter of 8 GiB holds 1 GiB
+    assert not dd.on_device(gib, cuda, "auto", reserve_bytes=5 * gib, free_bytes=8 * gib)  # not of the 3 GiB left
+    assert dd.on_device(gib, cuda, "device", free_bytes=0) and not dd.on_device(gib, cuda, "host", free_bytes=80 * gib)
+    assert dd.on_device(gib, torch.device("cpu"), "auto") and not dd.on_device(gib, torch.device("cpu"), "host")
+
+
+@pytest.mark.slow  # the fast loop runs --device-cache host in tests/test_host_sync.py
+def test_device_cache_host_keeps_the_photos_in_host_memory_and_trains(tmp_path):
+    data = make_dataset(tmp_path / "flowers", per_class=2, classes=["a", "b"])
+    run = run_cli("python", "train.py", "--data", str(data), "--output-dir", str(tmp_path / "out"), *TINY_TRAIN,
+                  "--pipeline", "device", "--device-cache", "host", "--epochs", "1", "--batch-size", "2", "--val-split", "0.5",
+                  timeout=600)
+    assert "device pipeline: 2 + 2 images decoded, 0.00 GiB in this process, kept on the host (--device-cache host)" \
+        in run.stdout, run.stdout
+    assert "epoch 1/1" in run.stdout
+
+
+def test_decoding_on_several_threads_gives_the_same_images_in_the_same_order(tmp_path):
+    photos = [_photo(*SHAPES[i % 4], seed=i) for i in range(2 * dd.DECODE_CHUNK + 5)]  # three chunks
+    ds = _dataset(photos, tmp_path)
+    (tmp_path / "7.png").write_bytes(b"not a photo any more")  # one that no longer decodes
+    one, four = (dd.decode_training_images(ds, SIZE, threads=n) for n in (1, 4))
+    assert torch.equal(one.pixels, four.pixels) and one.sizes == four.sizes
+    assert torch.equal(one.transposed, four.transposed) and torch.equal(one.labels, four.labels)
+    assert torch.equal(one.valid, four.valid) and not four.valid[7] and four.valid.sum() == len(photos) - 1
+    assert torch.equal(dd.decode_eval_images(ds, SIZE, threads=1).pixels, dd.decode_eval_images(ds, SIZE, threads=4).pixels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_gather_on_cuda_gives_the_pixels_of_images_kept_on_the_gpu(tmp_path):
+    """The branch for sets that do not fit the GPU: gathered into pinned memory, copied without a sync."""
+    device = torch.device("cuda")
+    images = dd.decode_training_images(_dataset([_photo(*SHAPES[i % 4], seed=i) for i in range(8)], tmp_path), SIZE)
+    on_gpu = dd.DecodedImages(images.pixels.to(device), images.sizes, images.transposed, images.labels, images.valid)
+    loaders = [dd.DeviceLoader(i, dd.Shard(0, 1, 4), dd.TrainPixels(i, SIZE, 0, device), shuffle_seed=1)
+               for i in (images, on_gpu)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gathered, kept = [[b["pixel_values"] for b in loader.for_epoch(0)] for loader in loaders]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(gathered, kept)) and len(gathered) == 2

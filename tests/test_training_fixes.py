@@ -146,6 +146,49 @@ def test_ema_warms_up_and_averages_buffers():
     assert not ema.module[0].weight.requires_grad
 
 
+
+def _averaged_model_ema(model: nn.Module, ema: WeightEMA) -> "torch.optim.swa_utils.AveragedModel":
+    """The EMA as AveragedModel.update_parameters computes it, with the same decays: what runs saved
+    before the host-side update hold, and resume from."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def average(averaged, current, _count):
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - ema.decay_at(reference.updates))
+        else:
+            torch._foreach_copy_(averaged, current)
+    reference = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    reference.updates = 0
+    return reference
+
+
+def test_ema_is_bit_identical_to_averaged_model_updates_and_resumes_from_their_state():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
+    ema = WeightEMA(model, decay=0.99)
+    reference = _averaged_model_ema(model, ema)
+
+    def train_a_little():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        model.train()(torch.randn(5, 3, 8, 8, generator=g))  # BatchNorm statistics and num_batches_tracked move
+    for _ in range(5):
+        train_a_little()
+        ema.update(model)
+        reference.update_parameters(model)
+        reference.updates += 1
+    assert ema.state_dict()["averaged"].keys() == reference.state_dict().keys()
+    assert all(torch.equal(ema.state_dict()["averaged"][k], v) for k, v in reference.state_dict().items())
+    # a run saved by AveragedModel's update resumes exactly: the same state, the same next updates
+    resumed = WeightEMA(model, decay=0.99)
+    resumed.load_state_dict({"averaged": reference.state_dict(), "updates": reference.updates})
+    train_a_little()
+    resumed.update(model)
+    reference.update_parameters(model)
+    assert all(torch.equal(resumed.state_dict()["averaged"][k], v) for k, v in reference.state_dict().items())
+
+
 # ---- --on-nan skip -----------------------------------------------------------------------------
 
 def test_a_skipped_nan_batch_leaves_weights_and_batchnorm_statistics_as_they_were():
