@@ -296,3 +296,12 @@ def test_the_loop_sums_in_float32_and_validates_on_the_validation_split(open_run
     assert run.totals.dtype == torch.float32
     seen = sum(int(batch["valid"].sum()) for batch in run.val_loader)
     assert seen == len(run.splits.val) == 8
+
+
+def test_device_cache_chooses_where_the_decoded_photos_live(open_run, capsys):
+    """On a CPU the device is the host's memory: `auto` and `device` keep the photos "on cpu", `host`
+    keeps them on the host (the gather branch a GPU takes when they do not fit)."""
+    open_run("--pipeline", "device", "--device-cache", "host")
+    assert "kept on the host (--device-cache host)" in capsys.readouterr().out
+    open_run("--pipeline", "device")
+    assert "kept on cpu (--device-cache auto)" in capsys.readouterr().out

@@ -144,6 +144,8 @@ BREAKS = [
     Break("--pipeline", "flowers/data.py", "pipeline = resolve_pipeline(cfg.pipeline, device.type)",
           "pipeline = resolve_pipeline('auto', device.type)",
           (W + "test_pipeline_device_and_cache_resized_change_where_pixels_come_from",)),
+    Break("--device-cache", "flowers/data.py", "accelerator.device, cfg.device_cache, reserve_bytes)",
+          "accelerator.device, 'auto', reserve_bytes)", (W + "test_device_cache_chooses_where_the_decoded_photos_live",)),
     Break("--recipe", "flowers/config.py", 'values = {**RECIPES.get(values.get("recipe") or "default", {}), **values}',
           'values = {**RECIPES.get("default", {}), **values}',
           (W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing",)),
