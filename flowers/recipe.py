@@ -16,10 +16,12 @@ from flowers.model import head_name, in_head
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_loss(cfg: TrainConfig) -> nn.Module:
+def make_loss(cfg: TrainConfig, class_weights: Optional[torch.Tensor] = None) -> nn.Module:
     """Per-example cross-entropy with label smoothing (the training loop averages it over the
-    images that decoded); also takes the soft targets MixUp/CutMix produce."""
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+    images that decoded); also takes the soft targets MixUp/CutMix produce. `class_weights`
+    (--class-weights auto, see balance.py) scale each class's term: an example's loss is
+    sum_c w_c q_c (-log p_c) for its (smoothed or mixed) target q."""
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing, reduction="none")
 
 
 def make_batch_transform(cfg: TrainConfig, num_classes: int) -> Optional[BatchTransform]:
