@@ -30,12 +30,22 @@ def lopsided(tmp_path_factory):
     return make_dataset(root, per_class=5, classes=CLASSES[1:])
 
 
+@pytest.fixture(scope="module")
+def presplit(tmp_path_factory):
+    """train/ lopsided (12 of the first class, 3 of each other), val/ balanced (2 a class)."""
+    root = tmp_path_factory.mktemp("presplit") / "flowers"
+    make_dataset(root / "train", per_class=12, classes=CLASSES[:1])
+    make_dataset(root / "train", per_class=3, classes=CLASSES[1:])
+    make_dataset(root / "val", per_class=2)
+    return root
+
+
 @pytest.fixture
 def open_run(lopsided, tmp_path):
-    def opened(*args: str) -> training.Run:
+    def opened(*args: str, data=None) -> training.Run:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        base = ["--data", str(lopsided), "--output-dir", str(tmp_path / "out"), "--weights", "none",
+        base = ["--data", str(data or lopsided), "--output-dir", str(tmp_path / "out"), "--weights", "none",
                 "--image-size", "32", "--batch-size", "4", "--report-to", "none", "--workers", "0"]
         return training.open_run(parse(TrainConfig, base + list(args)))
     return opened
@@ -65,6 +75,11 @@ def test_class_weights_auto_weights_the_loss_by_inverse_training_frequency(open_
     assert torch.allclose(plain.loss_fn(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.1,
                                                                          reduction="none"))
     assert plain.checkpoint_meta({})["data"]["class_weights"] is None
+
+
+def test_class_weights_come_from_the_training_split_not_the_validation_split(open_run, presplit):
+    run = open_run("--class-weights", "auto", data=presplit)
+    assert run.loss_fn.weight.tolist() == pytest.approx([5 / 17] + [20 / 17] * 4)  # 1/12 and 1/3, to mean 1
 
 
 def _epoch_rows(run: training.Run, epoch: int, skip: int = 0) -> list[tuple[int, torch.Tensor]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 W = "tests/test_wiring.py::"
+IMB = "tests/test_imbalance.py::"
 
 
 @dataclass
@@ -148,6 +149,24 @@ BREAKS = [
           (W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing",)),
     Break("--config", "flowers/config.py", '        values.update(load_yaml(given["config"]))\n', "        pass\n",
           (W + "test_a_config_file_sets_options_and_flags_win",)),
+    # ---- imbalance: --class-weights, --sampler (tests/test_imbalance.py) ----
+    Break("--class-weights", "flowers/training.py", "loss_fn=make_loss(cfg, _class_weights(cfg, splits))",
+          "loss_fn=make_loss(cfg, None)",
+          (IMB + "test_class_weights_auto_weights_the_loss_by_inverse_training_frequency",)),
+    Break("--class-weights (the training split's counts)", "flowers/training.py",
+          "balance.split_labels(splits.train)", "balance.split_labels(splits.val)",
+          (IMB + "test_class_weights_come_from_the_training_split_not_the_validation_split",)),
+    Break("--sampler (workers)", "flowers/data.py", 'if cfg.sampler == "balanced" else None)', 'if False else None)',
+          (IMB + "test_sampler_balanced_draws_every_class_equally_often_as_a_function_of_seed_and_epoch",)),
+    Break("--sampler (device)", "flowers/data.py", "drop_last=drop_last, sampler=cfg.sampler)",
+          "drop_last=drop_last)",
+          (IMB + "test_sampler_balanced_draws_every_class_equally_often_as_a_function_of_seed_and_epoch",)),
+    Break("--sampler (its epoch)", "flowers/balance.py", "self.seed, self.dataset.epoch)", "self.seed, 0)",
+          (IMB + "test_sampler_balanced_draws_every_class_equally_often_as_a_function_of_seed_and_epoch",)),
+    Break("data_wait (the loop's clock)", "flowers/engine.py", "enumerate(wait.batches(loader),", "enumerate(loader,",
+          (IMB + "test_data_wait_is_near_0_with_ready_batches_and_near_1_with_a_sleeping_loader",)),
+    Break("data_wait (the epoch's row)", "flowers/training.py", '"data_wait": train.data_wait,', "",
+          (IMB + "test_data_wait_is_in_the_epoch_line_history_and_summary",)),
 ]
 
 
