@@ -20,8 +20,8 @@ from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from torch.utils.data import DataLoader
 
 from flowers import device_data as dd
-from flowers.balance import BalancedSampler, split_labels
 from flowers import imagefiles
+from flowers.balance import BalancedSampler, split_labels
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
