@@ -62,11 +62,11 @@ def test_class_weights_auto_weights_the_loss_by_inverse_training_frequency(open_
     weights = inverse / inverse.mean()
     assert weights[0] < 0.5 < 1.1 < weights[1]  # the big class counts for less, the small ones for more
     logits, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 0])
-    expected = F.cross_entropy(logits, labels, weight=weights, label_smoothing=0.1, reduction="none")
-    assert torch.allclose(run.loss_fn(logits, labels), expected, atol=1e-6)
-    soft = F.one_hot(labels, 5).float() * 0.7 + 0.06  # MixUp/CutMix targets
-    smoothed = soft * 0.9 + 0.1 / 5  # label smoothing applies to soft targets too
-    assert torch.allclose(run.loss_fn(logits, soft), -(smoothed * weights * logits.log_softmax(1)).sum(1), atol=1e-5)
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+    assert torch.allclose(run.loss_fn(logits, labels), weights[labels] * smoothed, atol=1e-6)  # each example x w[y]
+    soft = F.one_hot(labels, 5).float() * 0.7 + F.one_hot(labels.roll(1), 5).float() * 0.3  # a MixUp target
+    soft_loss = F.cross_entropy(logits, soft, label_smoothing=0.1, reduction="none")
+    assert torch.allclose(run.loss_fn(logits, soft), (soft @ weights) * soft_loss, atol=1e-5)  # x its mix of weights
     meta = run.checkpoint_meta({})["data"]
     assert meta["class_weights"] == pytest.approx(weights.tolist(), abs=1e-5) and meta["sampler"] == "random"
     assert run.checkpoint_meta({})["config"]["class_weights"] == "auto"
