@@ -198,6 +198,12 @@ class TrainConfig:
     step_size: int = arg(7, "step schedule: epochs between learning-rate drops", valid=span("[1, inf)"))
     gamma: float = arg(0.1, "step schedule: factor applied at each drop", valid=span("(0, 1]"))
     label_smoothing: float = arg(0.1, "label smoothing of the training loss", valid=span("[0, 1)"))
+    class_weights: str = arg("none", "weight each class's loss by its inverse frequency in the training split, "
+                             "normalised to mean 1 (auto), or not (none); also with label smoothing and MixUp/CutMix",
+                             choices=["none", "auto"])
+    sampler: str = arg("random", "training data order: random (each image once an epoch, shuffled) or balanced "
+                       "(as many draws an epoch, with replacement, every class equally likely); seeded by "
+                       "(--seed, epoch) on both pipelines", choices=["random", "balanced"])
     dropout: float = arg(0.0, "dropout probability before the classification head", valid=span("[0, 1)"))
     freeze_backbone: int = arg(0, "train only the head for the first N epochs (flag alone: all epochs; 0: off)",
                                const=-1, valid=span("[-1, inf)"))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from flowers import device_data as dd
 from flowers import imagefiles
+from flowers.balance import BalancedSampler, split_labels
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
@@ -380,14 +381,14 @@ class LoaderOptions:
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, options: LoaderOptions,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, sampler: Optional[torch.utils.data.Sampler] = None) -> DataLoader:
     """A DataLoader with persistent workers; with a seed, it has its own generator (shuffling and
     worker seeds then never draw from the global RNG). For CUDA, batches go to pinned memory
     (see pins_memory); for the CPU, workers run at low priority (see _init_worker)."""
     workers = options.workers
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
         collate_fn=functools.partial(collate, image_size=options.image_size),
         pin_memory=pins_memory(options.device_type), persistent_workers=workers > 0, drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None, generator=generator,
@@ -443,13 +444,17 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
         val_images = dd.decode_eval_images(splits.val, cfg.image_size)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
         train_pixels = dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device, cfg.channels_last)
-        train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last)
+        train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last,
+                                sampler=cfg.sampler)
         val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device, cfg.channels_last))
         return Loaders(train, val, pipeline, 0)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device.type)
     options = LoaderOptions(workers=workers, device_type=device.type, image_size=cfg.image_size, seed=cfg.seed)
-    train = make_loader(SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed),
-                        cfg.batch_size, shuffle=True, options=options, drop_last=drop_last)
+    augmented = SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed)
+    # --sampler balanced: our seeded order (Accelerate shards its batches); random: Accelerate's seedable shuffle
+    sampler = (BalancedSampler(augmented, split_labels(splits.train), shuffle_seed)
+               if cfg.sampler == "balanced" else None)
+    train = make_loader(augmented, cfg.batch_size, shuffle=True, options=options, drop_last=drop_last, sampler=sampler)
     val = make_loader(with_transform(splits.val, eval_transform(cfg.image_size)), cfg.batch_size,
                       shuffle=False, options=options)
     train, val = accelerator.prepare(train, val)

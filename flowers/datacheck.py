@@ -71,7 +71,8 @@ def find_problems(parts: list[Dataset], class_names: list[str]) -> list[str]:
     if min(sizes) == 0 or max(sizes) / min(sizes) > IMBALANCE_RATIO:
         listed = ", ".join(f"{name} {size}" for name, size in zip(class_names, sizes))
         warnings.append(f"class imbalance: {listed} images (accuracy alone can mislead; "
-                        "look at per-class recall)")
+                        "look at per-class recall; training can compensate with --class-weights auto "
+                        "or --sampler balanced)")
     return warnings
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from flowers import imagefiles
 from flowers.runtime import usable_cores
+from flowers.balance import balanced_order
 from flowers.transforms import (BatchAugmentation, DeviceNormalise, eval_pixels, eval_size, example_seed,
                                 sample_augmentation, upload)
 
@@ -186,8 +187,9 @@ class DeviceLoader(DataLoaderStateMixin):
     """A split's batches for this process, made on the device: dicts of `pixel_values` (float,
     normalised), `labels` and `valid`, as the DataLoader path gives them.
 
-    The epoch's order is a permutation drawn from (shuffle_seed, epoch), or the split's own order
-    when shuffle_seed is None (evaluation). A short last global batch is dropped (`drop_last`) or
+    The epoch's order is a permutation drawn from (shuffle_seed, epoch) (`sampler` "balanced":
+    balance.balanced_order, draws with replacement), or the split's own order when shuffle_seed is
+    None (evaluation). A short last global batch is dropped (`drop_last`) or
     completed by wrapping around to the first images, marked not `valid` so that they count
     nowhere: every process gets batches of the same size, and gathered evaluation results hold
     each image exactly once, in the split's order. Accelerate's gradient state is told where the
@@ -197,11 +199,11 @@ class DeviceLoader(DataLoaderStateMixin):
     `apply` makes the pixels there."""
 
     def __init__(self, images: DecodedImages, shard: Shard, make_pixels: "TrainPixels | EvalPixels",
-                 shuffle_seed: Optional[int] = None, drop_last: bool = False):
+                 shuffle_seed: Optional[int] = None, drop_last: bool = False, sampler: str = "random"):
         if len(images) >= 2**24:
             raise ValueError(f"{len(images)} images: the device pipeline numbers them in float32, up to 2**24")
         self.images, self.shard, self.make_pixels = images, shard, make_pixels
-        self.shuffle_seed = shuffle_seed
+        self.shuffle_seed, self.sampler = shuffle_seed, sampler
         self.drop_last = drop_last and len(images) >= shard.global_batch
         self._drop_last = True  # for DataLoaderStateMixin: gather everything, `valid` says what counts
         self.gradient_state = GradientState()
@@ -220,6 +222,8 @@ class DeviceLoader(DataLoaderStateMixin):
         n = len(self.images)
         if self.shuffle_seed is None:
             return torch.arange(n)
+        if self.sampler == "balanced":  # --sampler balanced: the workers path's order too
+            return balanced_order(self.images.labels, n, self.shuffle_seed, self.epoch)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.shuffle_seed + self.epoch))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

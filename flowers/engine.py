@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from flowers.datawait import DataWait
 from flowers.nonfinite import NonFiniteGuard
 from flowers.runtime import release_freed_memory
 
@@ -27,6 +28,7 @@ class EpochStats:
     accuracy: float
     samples: int
     seconds: float
+    data_wait: float = 0.0  # the share of `seconds` spent waiting for the next batch (see datawait.py)
 
     @property
     def images_per_s(self) -> float:
@@ -93,10 +95,10 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
     running = options.totals
     if running is None:
         running = torch.zeros(3, device=accelerator.device, dtype=torch.float32)
-    start = time.perf_counter()
+    start, wait = time.perf_counter(), DataWait()
     tail_start, tail_scale = _accumulation_tail(options.start_step + len(loader), accelerator.gradient_accumulation_steps)
     with _bar(accelerator, len(loader), options.desc) as bar:
-        for step, batch in enumerate(loader, start=options.start_step):
+        for step, batch in enumerate(wait.batches(loader), start=options.start_step):
             loss, logits, valid, stepped = _train_step(accelerator, model, batch, optimizer, scheduler, loss_fn,
                                                        options, tail_scale if step >= tail_start else 1.0)
             labels = batch["labels"]
@@ -113,9 +115,10 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader, optimize
                 break
     if guard is not None:
         guard.check()  # before the caller evaluates or saves anything
+    seconds = time.perf_counter() - start
     loss_sum, correct, seen = _sum_over_processes(accelerator, running)
     return EpochStats(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), samples=int(seen),
-                      seconds=time.perf_counter() - start)
+                      seconds=seconds, data_wait=wait.share(seconds))
 
 
 def _sum_over_processes(accelerator: Accelerator, running: torch.Tensor) -> list[float]:

@@ -16,10 +16,32 @@ from flowers.model import head_name, in_head
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_loss(cfg: TrainConfig) -> nn.Module:
+def make_loss(cfg: TrainConfig, class_weights: Optional[torch.Tensor] = None) -> nn.Module:
     """Per-example cross-entropy with label smoothing (the training loop averages it over the
-    images that decoded); also takes the soft targets MixUp/CutMix produce."""
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+    images that decoded); also takes the soft targets MixUp/CutMix produce. With `class_weights`
+    (--class-weights auto, see balance.py) each example's loss is scaled by its class's weight
+    (see ClassWeightedCrossEntropy)."""
+    if class_weights is None:
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+    return ClassWeightedCrossEntropy(class_weights, cfg.label_smoothing)
+
+
+class ClassWeightedCrossEntropy(nn.Module):
+    """Cross-entropy (with label smoothing) of each example times the weight of its class: w[y] for
+    a label y, sum_c q_c w_c for a MixUp/CutMix target q (the weights of the classes it mixes).
+
+    Not torch's `CrossEntropyLoss(weight=...)`: that weights each class's term of the smoothed
+    target, so with large weights the smoothing mass alone (eps / C of every example, times the
+    rare class's weight) pulls every prediction towards the rare class."""
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.plain = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        example_weight = self.weight[target] if target.dim() == 1 else target.to(self.weight.dtype) @ self.weight
+        return self.plain(logits, target) * example_weight
 
 
 def make_batch_transform(cfg: TrainConfig, num_classes: int) -> Optional[BatchTransform]:

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
-from flowers import calibration, checkpoint, tracking
+from flowers import balance, calibration, checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
 from flowers.data import (AUTO, Splits, build_loaders, load_splits, place_decoded_images, resized_splits, resolve_data,
                           resolve_pipeline)
@@ -196,7 +196,7 @@ def _summary_line(result: EpochResult, epochs: int) -> str:
     train, val, lr = result.train, result.val, result.metrics["lr"]
     return (f"epoch {result.epoch}/{epochs}  train_loss {train.loss:.4f}  train_acc {train.accuracy:.2%}  "
             f"val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.2%}  lr {lr:.2e}  "
-            f"{train.images_per_s:.1f} img/s  {result.metrics['epoch_time_s']:.1f}s"
+            f"{train.images_per_s:.1f} img/s  data_wait {train.data_wait:.0%}  {result.metrics['epoch_time_s']:.1f}s"
             + ("  *best*" if result.is_best else ""))
 
 
@@ -256,7 +256,8 @@ class Run:
         place_decoded_images(loaders, cfg, accelerator, model)
         scheduler = build_scheduler(cfg, optimizer, math.ceil(len(train_loader) / cfg.grad_accum_steps))
         run = cls(cfg, start, accelerator, splits, run_dir, model, optimizer, scheduler, train_loader, val_loader, ema,
-                  guard=NonFiniteGuard(accelerator, cfg.on_nan, run_dir), loss_fn=make_loss(cfg),
+                  guard=NonFiniteGuard(accelerator, cfg.on_nan, run_dir),
+                  loss_fn=make_loss(cfg, _class_weights(cfg, splits)).to(accelerator.device),
                   mix=make_batch_transform(cfg, len(splits.class_names)),
                   stopper=EarlyStopping(cfg.early_stopping_patience),
                   totals=torch.zeros(3, device=accelerator.device, dtype=torch.float32),
@@ -343,7 +344,7 @@ class Run:
             "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
             "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": progress.epoch_lr,
             "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
-            "train_samples": train.samples,
+            "train_samples": train.samples, "data_wait": train.data_wait,
         }
         ema_is_best, ema_metrics, ema_out = False, None, None
         if self.ema is not None:
@@ -469,7 +470,8 @@ class Run:
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "data": {"source": splits.source, "split_seed": cfg.seed, "val_split": cfg.val_split,
                      "train_size": len(splits.train), "val_size": len(splits.val),
-                     "shuffle_seed": self.start.shuffle_seed, "val_from": splits.val_from},
+                     "shuffle_seed": self.start.shuffle_seed, "val_from": splits.val_from,
+                     "sampler": cfg.sampler, "class_weights": _weights_list(self.loss_fn)},
             "run_name": self.run_dir.name,
             "epoch": self.progress.epoch,
             "global_step": self.progress.global_step,
@@ -479,6 +481,18 @@ class Run:
             "saved_at": dt.datetime.now().isoformat(timespec="seconds"),
             "init_from": self.init_info,
         }
+
+
+def _class_weights(cfg: TrainConfig, splits: Splits) -> Optional[torch.Tensor]:
+    """--class-weights: from the training split's per-class counts (None for none)."""
+    counts = balance.class_counts(balance.split_labels(splits.train), len(splits.class_names))
+    return balance.loss_class_weights(cfg.class_weights, counts)
+
+
+def _weights_list(loss_fn: Any) -> Optional[list[float]]:
+    """The loss's class weights as checkpoint.json records them (None: unweighted)."""
+    weight = getattr(loss_fn, "weight", None)
+    return None if weight is None else [round(float(w), 6) for w in weight]
 
 
 def open_run(cfg: TrainConfig) -> Run:

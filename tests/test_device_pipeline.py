@@ -213,7 +213,7 @@ DEVICE_RUN = (*TINY_TRAIN, "--pipeline", "device", "--epochs", "2", "--batch-siz
 def _history_without_timings(run: Path) -> list[dict]:
     rows = read_history(run)
     for row in rows:
-        row.pop("epoch_time_s"), row.pop("images_per_s")
+        row.pop("epoch_time_s"), row.pop("images_per_s"), row.pop("data_wait")
     return rows
 
 

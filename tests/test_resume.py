@@ -31,7 +31,7 @@ def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 def _history(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     for row in rows:  # wall-clock numbers legitimately differ
-        for key in ("epoch_time_s", "images_per_s"):
+        for key in ("epoch_time_s", "images_per_s", "data_wait"):
             row.pop(key)
     return rows
 

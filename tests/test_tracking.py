@@ -21,7 +21,7 @@ from flowers.errors import UserError
 from wandb_offline import read_run
 
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
-                 "epoch_time_s", "images_per_s"}
+                 "epoch_time_s", "images_per_s", "data_wait"}
 _at = TINY_TRAIN.index("--report-to")
 TRAIN = [*TINY_TRAIN[:_at], *TINY_TRAIN[_at + 2:]]  # the tiny run, tracker chosen per test
 

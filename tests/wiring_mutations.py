@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 W = "tests/test_wiring.py::"
 C = "tests/test_wiring_commands.py::"
+IMB = "tests/test_imbalance.py::"
 
 
 @dataclass
@@ -101,7 +102,8 @@ BREAKS = [
     Break("--freeze-backbone (whole run)", "flowers/training.py", "parameter_groups(cfg, model))",
           "parameter_groups(dataclasses.replace(cfg, freeze_backbone=0), model))",
           (W + "test_freeze_backbone_for_some_epochs_or_the_whole_run",)),
-    Break("--label-smoothing", "flowers/training.py", "loss_fn=make_loss(cfg),", "loss_fn=make_loss(TrainConfig()),",
+    Break("--label-smoothing", "flowers/training.py", "loss_fn=make_loss(cfg, _class_weights(cfg, splits))",
+          "loss_fn=make_loss(TrainConfig(), _class_weights(cfg, splits))",
           (W + "test_label_smoothing_is_in_the_loss", W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing")),
     Break("--mixup/--cutmix (mix=None)", "flowers/training.py", "mix=make_batch_transform(cfg, len(splits.class_names)),",
           "mix=None,", (W + "test_mixup_and_cutmix_mix_the_batches_with_their_alphas",)),
@@ -133,8 +135,8 @@ BREAKS = [
           (W + "test_report_to_project_tags_and_group_reach_the_trackers",)),
     Break("--compile", "flowers/training.py", "project_dir=cfg.output_dir, compile=cfg.compile)",
           "project_dir=cfg.output_dir, compile=False)", (W + "test_compile_asks_accelerate_for_torch_compile",)),
-    Break("--batch-size", "flowers/data.py", "train_transform(cfg.image_size), cfg.seed),\n                        cfg.batch_size,",
-          "train_transform(cfg.image_size), cfg.seed),\n                        32,",
+    Break("--batch-size", "flowers/data.py", "train = make_loader(augmented, cfg.batch_size, shuffle=True,",
+          "train = make_loader(augmented, 32, shuffle=True,",
           (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
     Break("--image-size", "flowers/data.py", "SeededAugmentation(splits.train, train_transform(cfg.image_size),",
           "SeededAugmentation(splits.train, train_transform(224),",
@@ -220,6 +222,24 @@ BREAKS = [
           (C + "test_compare_wandb_entity_and_project_reach_the_report",)),
     Break("compare --wandb-project", "flowers/compare.py", "return cfg.wandb_project or project_name(",
           "return None or project_name(", (C + "test_compare_wandb_entity_and_project_reach_the_report",)),
+    # ---- imbalance: --class-weights, --sampler (tests/test_imbalance.py) ----
+    Break("--class-weights", "flowers/training.py", "loss_fn=make_loss(cfg, _class_weights(cfg, splits))",
+          "loss_fn=make_loss(cfg, None)",
+          (IMB + "test_class_weights_auto_weights_the_loss_by_inverse_training_frequency",)),
+    Break("--class-weights (the training split's counts)", "flowers/training.py",
+          "balance.split_labels(splits.train)", "balance.split_labels(splits.val)",
+          (IMB + "test_class_weights_come_from_the_training_split_not_the_validation_split",)),
+    Break("--sampler (workers)", "flowers/data.py", 'if cfg.sampler == "balanced" else None)', 'if False else None)',
+          (IMB + "test_sampler_balanced_draws_every_class_equally_often_as_a_function_of_seed_and_epoch",)),
+    Break("--sampler (device)", "flowers/data.py", "drop_last=drop_last,\n                                sampler=cfg.sampler)",
+          "drop_last=drop_last)",
+          (IMB + "test_sampler_balanced_draws_every_class_equally_often_as_a_function_of_seed_and_epoch",)),
+    Break("--sampler (its epoch)", "flowers/balance.py", "self.seed, self.dataset.epoch)", "self.seed, 0)",
+          (IMB + "test_sampler_balanced_draws_every_class_equally_often_as_a_function_of_seed_and_epoch",)),
+    Break("data_wait (the loop's clock)", "flowers/engine.py", "enumerate(wait.batches(loader),", "enumerate(loader,",
+          (IMB + "test_data_wait_is_near_0_with_ready_batches_and_near_1_with_a_sleeping_loader",)),
+    Break("data_wait (the epoch's row)", "flowers/training.py", '"data_wait": train.data_wait,', "",
+          (IMB + "test_data_wait_is_in_the_epoch_line_history_and_summary",)),
 ]
 
 
