@@ -130,30 +130,43 @@ def test_balanced_order_is_seeded_by_seed_and_epoch_alone():
 # ---- data_wait ----------------------------------------------------------------------------------
 
 class _Pixels:
-    """The device loader's pixels made once (every batch ready at once), after `sleep` seconds."""
+    """The device loader's pixels made once (every batch ready at once); the host's part of each
+    batch (`plan`) takes `sleep` seconds."""
 
     def __init__(self, run: training.Run, sleep: float = 0.0):
         make = run.train_loader.make_pixels
         self.device, self.sleep = make.device, sleep
         self.cached = make(torch.arange(4), torch.arange(4), 0)
 
-    def __call__(self, rows, device_rows, epoch):
+    def plan(self, rows, epoch):
         time.sleep(self.sleep)
+        return torch.zeros(len(rows), 0)
+
+    def apply(self, rows, device_rows, plan):
         return self.cached
 
 
 def test_data_wait_is_near_0_with_ready_batches_and_near_1_with_a_sleeping_loader(open_run):
-    """The run's own loader and training loop, with a model too small to take any time."""
+    """The run's own loader and training loop, with a model whose step takes a steady 50 ms (a
+    real one's time depends on the machine's load): ready batches cost the loop next to nothing,
+    a loader that sleeps 0.3 s a batch nearly all of it."""
     run = open_run("--pipeline", "device")
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+
+    class SteadyModel(torch.nn.Sequential):
+        def forward(self, images):
+            time.sleep(0.05)
+            return super().forward(images)
+
+    model = SteadyModel(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def data_wait(pixels: _Pixels) -> float:
         run.train_loader.make_pixels = pixels
         return train_one_epoch(run.accelerator, model, run.train_loader.for_epoch(0), optimizer, None,
                                run.loss_fn, EpochOptions(channels_last=False)).data_wait
-    assert data_wait(_Pixels(run)) < 0.2
-    assert data_wait(_Pixels(run, sleep=0.3)) > 0.8
+    ready, sleeping = _Pixels(run), _Pixels(run, sleep=0.3)
+    assert data_wait(ready) < 0.2
+    assert data_wait(sleeping) > 0.8
 
 
 def test_data_wait_is_in_the_epoch_line_history_and_summary(lopsided, tmp_path, capsys):
