@@ -231,6 +231,13 @@ class TrainConfig:
     group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)",
                                valid=NAME)
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
+    duplicate_distance: int = arg(5, "near-duplicate photos (resized or re-encoded copies: 64-bit difference hashes "
+                                  "at most this many bits apart, see docs/design.md) stay on one side of the split; "
+                                  "-1: off (the plain stratified split)", valid=span("[-1, 64]"))
+    exclude: Optional[str] = arg(None, "CSV file of images to leave out: a path (relative to --data) per row; "
+                                 "label_issues.csv works as it is", valid=PATH)
+    relabel: Optional[str] = arg(None, "CSV file of images to give another class: path,class per row; "
+                                 "label_issues.csv works as it is (its suggested_label)", valid=PATH)
     on_nan: str = arg("stop", "a NaN/Inf training loss: stop the run (last good checkpoint kept) or skip that "
                       "batch's update (costs one host sync per step)", choices=["stop", "skip"])
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
