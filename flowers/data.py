@@ -222,6 +222,7 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
             return Splits(train, val, _label_names(train), str(root), train_skipped + val_skipped,
                           val_from=pre_split[1].name)
         full, skipped = _load_folder(root, strict, options)
+        photos = True
     elif not root.is_dir() and (data.startswith((".", "/", "~")) or os.path.sep + os.path.sep in data):
         raise UserError(f"--data {data}: no such folder")
     else:
@@ -231,13 +232,13 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
             if _label_names(own_val) != _label_names(full):
                 raise UserError(f"--data {data}: its '{val_from}' split has other classes than its training split")
             return Splits(full, own_val, _label_names(full), source, val_from=val_from)
-        skipped = []
+        skipped, photos = [], False
         if options.exclude or options.relabel or options.fold:
             raise UserError(f"--data {data}: --exclude, --relabel and cross-validation need a folder of photos")
     names = _label_names(full)
     if len(names) < 2:
         raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
-    groups = _groups(full, root, options) if root.is_dir() else []
+    groups = _groups(full, root, options) if photos else []  # (Hub datasets: images as bytes, no groups)
     members = _group_members(full, root, groups)
     try:
         if options.fold:

@@ -19,8 +19,9 @@ from conftest import REPO, make_colour_dataset, read_history, run_cli
 pytestmark = pytest.mark.slow
 
 # small and confident: 32 px from scratch, no label smoothing (it caps the confidence cleanlab looks at)
+# (measured: 3 folds x 8 epochs of 36 images flag exactly the 3 flips; 5 epochs at lr 2e-3 were unstable)
 RECIPE = ("--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to", "none", "--workers", "0",
-          "--warmup-epochs", "0", "--label-smoothing", "0", "--seed", "0")
+          "--warmup-epochs", "0", "--label-smoothing", "0", "--lr", "1e-3", "--seed", "0")
 FLIPS = {"blue/blue_0.jpg": "green", "green/green_1.jpg": "red", "red/red_2.jpg": "blue"}  # moved to that folder
 
 
@@ -39,15 +40,15 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_crossval_and_label_issues_find_every_planted_flip_and_nothing_else(tmp_path):
-    data = make_colour_dataset(tmp_path / "colours", per_class=18)
+    data = make_colour_dataset(tmp_path / "colours", per_class=12)
     planted = _planted(data)
     out = tmp_path / "out"
     run_cli("python", "-m", "flowers.crossval", "--data", str(data), "--output-dir", str(out), "--run-name", "cv",
-            "--folds", "3", "--epochs", "5", *RECIPE, timeout=1200)
+            "--folds", "3", "--epochs", "8", *RECIPE, timeout=1800)
     cv = out / "cv"
 
     summary = json.loads((cv / "crossval.json").read_text())
-    assert summary["folds"] == 3 and summary["images"] == 54
+    assert summary["folds"] == 3 and summary["images"] == 36
     oof = _rows(cv / "oof.csv")
     assert sorted(r["path"] for r in oof) == sorted(str(p.relative_to(data)) for p in data.glob("*/*.jpg"))
     assert list(oof[0]) == ["path", "label", "blue", "green", "red"]
