@@ -102,8 +102,9 @@ def close_pairs(hashes: np.ndarray, *, max_distance: int) -> list[tuple[int, int
     """(i, j, distance) for every pair i < j of `hashes` (uint64, shape (n,)) within `max_distance`."""
     hashes = np.asarray(hashes, dtype=np.uint64)
     pairs = []
-    for start in range(0, len(hashes), 512):  # 512 x n distances at a time: memory stays small
-        block = hamming(hashes[start:start + 512, None], hashes[None, :])
+    height = max(1, 4_000_000 // max(1, len(hashes)))  # a block of height x n distances: at most ~32 MB
+    for start in range(0, len(hashes), height):
+        block = hamming(hashes[start:start + height, None], hashes[None, :])
         rows, cols = np.nonzero(block <= max_distance)
         for i, j in zip(rows + start, cols):
             if i < j:
