@@ -75,7 +75,7 @@ def test_crossval_and_label_issues_find_every_planted_flip_and_nothing_else(tmp_
 
 def _crossval(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "flowers.crossval", "--data", str(data), "--output-dir", str(out),
-            "--run-name", "cv", "--folds", "2", "--epochs", "2", *RECIPE, *extra]
+            "--run-name", "cv", "--folds", "2", "--epochs", "3", *RECIPE, *extra]
 
 
 def test_crossval_stopped_by_sigterm_resumes_without_retraining_finished_folds(tmp_path):
@@ -83,14 +83,16 @@ def test_crossval_stopped_by_sigterm_resumes_without_retraining_finished_folds(t
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     run_cli(*_crossval(data, whole), timeout=1200)
 
-    # SIGTERM during fold 2's training (after its first epoch's line)
+    # SIGTERM during fold 2's training, after its first epoch's line: it lands in epoch 2 (one batch per
+    # epoch here, so the check at the end of epoch 2 stops it at the latest); one in a run's last
+    # epoch would let that fold finish, as train.py does
     proc = subprocess.Popen(_crossval(data, stopped), cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     output, in_fold_2 = [], False
     for line in proc.stdout:
         output.append(line)
         in_fold_2 = in_fold_2 or line.startswith("crossval: fold 2/2")
-        if in_fold_2 and line.startswith("epoch 1/2"):
+        if in_fold_2 and line.startswith("epoch 1/3"):
             proc.send_signal(signal.SIGTERM)
             break
     output.extend(proc.stdout)
