@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,13 @@ def flip(data: str, copy: str, seed: int, fraction: float = 0.05) -> None:
 def score(folder: str, flips_csv: str) -> None:
     flips = {r["path"]: r for r in csv.DictReader(open(flips_csv))}
     issues = list(csv.DictReader(open(Path(folder) / "label_issues.csv")))
-    judged = None
     if (Path(folder) / "oof.csv").is_file():
         judged = {r["path"] for r in csv.DictReader(open(Path(folder) / "oof.csv"))}
-    else:  # a plain run: its held-out images (label_issues wrote their predictions nowhere else)
-        from flowers.crossval import predict_fold
-        judged = set(predict_fold(Path(folder), 0)["paths"])
+    else:  # a plain run: label_issues judged its held-out images, its checkpoint's split rebuilt
+        from flowers.data import image_paths, load_splits, recorded_split
+        data = json.loads((Path(folder) / "last" / "checkpoint.json").read_text())["data"]
+        val = load_splits(data["source"], data["val_split"], data["split_seed"], options=recorded_split(data)).val
+        judged = {str(Path(p).relative_to(data["source"])) for p in image_paths(val)}
     planted = {p for p in flips if p in judged}
     found = {r["path"] for r in issues}
     hits = found & planted
