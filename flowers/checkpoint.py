@@ -60,6 +60,20 @@ def save_checkpoint(target: Path, state_dict: dict[str, torch.Tensor], meta: dic
     return target
 
 
+def write_file_atomic(target: Path, data: bytes) -> Path:
+    """Write one file atomically (a synced temp sibling renamed over it): a kill leaves the old file
+    or the new one, never a part (crossval's oof.csv and fold predictions). A full disk: one UserError."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise save_error(target, e) from None
+    return target
+
+
 def _tmp_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
 

@@ -241,6 +241,13 @@ class TrainConfig:
     group: Optional[str] = arg(None, "W&B group: runs of one experiment (e.g. the two stages of a schedule)",
                                valid=NAME)
     strict: bool = arg(False, "fail on unusable image files (default: skip them, one warning each)")
+    duplicate_distance: int = arg(5, "near-duplicate photos (resized or re-encoded copies: 64-bit difference hashes "
+                                  "at most this many bits apart, see docs/design.md) stay on one side of the split; "
+                                  "-1: off (the plain stratified split)", valid=span("[-1, 64]"))
+    exclude: Optional[str] = arg(None, "CSV file of images to leave out: a path (relative to --data) per row; "
+                                 "label_issues.csv works as it is", valid=PATH)
+    relabel: Optional[str] = arg(None, "CSV file of images to give another class: path,class per row; "
+                                 "label_issues.csv works as it is (its suggested_label)", valid=PATH)
     on_nan: str = arg("stop", "a NaN/Inf training loss: stop the run (last good checkpoint kept) or skip that "
                       "batch's update (costs one host sync per step)", choices=["stop", "skip"])
     config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
@@ -261,6 +268,13 @@ class TrainConfig:
         check(self.optimizer != "sgd" or self.momentum > 0,
               f"--momentum must be in (0, 1) for sgd (Nesterov momentum), got {self.momentum}")
         check_output_dir(self.output_dir)
+
+@dataclass
+class CrossvalConfig(TrainConfig):
+    """python -m flowers.crossval: train.py's options (--resume: a cross-validation folder), and --folds."""
+    folds: int = arg(5, "number of folds: one model per fold, validated on that fold's images (stratified, "
+                     "seeded by --seed, near-duplicates in one fold); --val-split is not used", valid=span("[2, 100]"))
+
 
 # `--recipe report`: the reference report's recipe (ResNet18, Adam, lr 1e-3, StepLR every 7 epochs
 # x0.1, batch 32, its augmentations, no other regularisation). Values given explicitly win.
@@ -390,6 +404,24 @@ class CompareConfig:
         check_output_dir(self.output_dir)
 
 
+@dataclass
+class LabelIssuesConfig:
+    folder: str = field(default="", metadata={
+        "help": "a cross-validation folder (flowers.crossval: every image judged) or a run folder (its held-out "
+        "images only)", "positional": True, "metavar": "FOLDER", "valid": PATH})
+    filter_by: str = arg("prune_by_noise_rate", "cleanlab's filter.find_label_issues method",
+                         choices=["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                                  "predicted_neq_given"])
+    show: int = arg(24, "how many of the likely errors to show in label_issues.png", valid=span("[0, 1000]"))
+    workers: int = arg(-1, "DataLoader worker processes (a run folder only); -1 picks from the core count",
+                       valid=span("[-1, 1024]"))
+    config: Optional[str] = arg(None, "YAML file with any of these keys; flags given on the command line win",
+                                valid=PATH)
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
@@ -434,7 +466,8 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
         if kind in (int, float) and isinstance(valid, Span):
             kind = _number_type(kind, valid)
         if meta.pop("positional", False):  # e.g. predict's IMAGE_OR_FOLDER...
-            parser.add_argument(f.name, nargs="+", type=kind, help=help_text, **meta)
+            many = typing.get_origin(hints[f.name]) is list
+            parser.add_argument(f.name, nargs="+" if many else None, type=kind, help=help_text, **meta)
         elif kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {f.default})")
@@ -465,7 +498,7 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
-    if cls is TrainConfig:
+    if issubclass(cls, TrainConfig):
         values = {**RECIPES.get(values.get("recipe") or "default", {}), **values}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -20,7 +20,7 @@ from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from torch.utils.data import DataLoader
 
 from flowers import device_data as dd
-from flowers import imagefiles
+from flowers import duplicates, imagefiles
 from flowers.balance import BalancedSampler, split_labels
 from flowers.config import TrainConfig
 from flowers.errors import UserError
@@ -45,6 +45,42 @@ class Splits:
     # the source's own split (a Hub split or a val/ folder) that is the validation set; None: held
     # out of the training images (stratified, by seed and val_split). Recorded in checkpoints.
     val_from: Optional[str] = None
+    # groups of near-duplicate files (paths relative to `source`) kept on one side of the split;
+    # the files left out (--exclude) and given another class (--relabel); the cross-validation fold
+    # (number, of folds) that is the validation set. All recorded in checkpoints (see recorded_split).
+    groups: list[list[str]] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    relabel: dict[str, str] = field(default_factory=dict)
+    fold: Optional[tuple[int, int]] = None
+
+    def group_paths(self) -> list[list[str]]:
+        """`groups` as absolute paths."""
+        return [[os.path.join(self.source, p) for p in group] for group in self.groups]
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """What decides a split besides seed and fraction (a folder of photos only).
+
+    groups: AUTO finds near-duplicate groups within `duplicate_distance` (a negative distance: none);
+    a list (a checkpoint's record) is used as it is; [] is the plain stratified split.
+    exclude: paths (relative to the data folder) left out; relabel: path -> class name.
+    fold: (number from 1, of K folds): validate on that fold of a K-fold split instead of --val-split."""
+    groups: object = AUTO
+    duplicate_distance: int = duplicates.DEFAULT_DISTANCE
+    exclude: tuple = ()
+    relabel: tuple = ()  # ((path, class name), ...): hashable
+    fold: Optional[tuple[int, int]] = None
+
+
+def recorded_split(data_meta: dict) -> SplitOptions:
+    """The options that rebuild a checkpoint's split from its meta["data"]; what it does not record
+    (checkpoints saved before groups, exclusions and folds were) means none: their plain split."""
+    fold = data_meta.get("fold")
+    return SplitOptions(groups=[list(g) for g in data_meta.get("groups") or []],
+                        exclude=tuple(data_meta.get("exclude") or ()),
+                        relabel=tuple(sorted((data_meta.get("relabel") or {}).items())),
+                        fold=(int(fold[0]), int(fold[1])) if fold else None)
 
 
 def resolve_data(data: Optional[str], download_if_missing: bool = True) -> str:
@@ -69,14 +105,72 @@ def _pre_split_dirs(root: Path) -> Optional[tuple[Path, Path]]:
     return (train, val) if train.is_dir() and val is not None else None
 
 
-def _load_folder(root: Path, strict: bool = False) -> tuple[Dataset, list[str]]:
-    """The usable images of a class-per-folder tree (unusable ones reported), and what was skipped."""
-    scan = imagefiles.scan_folder(root, cache_dir=Path(datasets.config.HF_DATASETS_CACHE) / "flowers-scans")
+def _load_folder(root: Path, strict: bool = False, options: Optional[SplitOptions] = None
+                 ) -> tuple[Dataset, list[str]]:
+    """The usable images of a class-per-folder tree (unusable ones reported), and what was skipped;
+    `options`' exclusions and new labels applied."""
+    scan = imagefiles.scan_folder(root, cache_dir=_cache_root() / "flowers-scans")
     imagefiles.report(scan, strict)
+    files = _edited(scan, options) if options else scan.files
     features = Features({"image": Image(), "label": ClassLabel(names=scan.class_names)})
-    ds = Dataset.from_dict({"image": [path for path, _ in scan.files], "label": [label for _, label in scan.files]},
+    ds = Dataset.from_dict({"image": [path for path, _ in files], "label": [label for _, label in files]},
                            features=features)
     return ds, [path for path, _ in scan.skipped]
+
+
+def read_edits(exclude_file: Optional[str], relabel_file: Optional[str], root: Path) -> tuple[tuple, tuple]:
+    """(paths to exclude, ((path, class name), ...)) from --exclude and --relabel CSV files: a path per
+    row (relative to the data folder, or absolute inside it), for --relabel followed by the class.
+    A header row starting with `path` is optional; label_issues.csv works as it is (--relabel reads
+    its suggested_label column)."""
+    exclude = tuple(sorted({row[0] for row in _csv_rows(exclude_file, "--exclude", root, 1)})) if exclude_file else ()
+    relabel = {}
+    for row in _csv_rows(relabel_file, "--relabel", root, 2) if relabel_file else []:
+        relabel[row[0]] = row[1]
+    return exclude, tuple(sorted(relabel.items()))
+
+
+def _csv_rows(file: str, flag: str, root: Path, columns: int) -> list[list[str]]:
+    import csv
+    try:
+        with open(Path(file).expanduser(), newline="") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {file}: cannot read it ({type(e).__name__}: {e.strerror if isinstance(e, OSError) else e})") from None
+    label_column = 1
+    if rows and rows[0][0].strip().lower() == "path":
+        header = [cell.strip().lower() for cell in rows[0]]
+        label_column = next((header.index(name) for name in ("label", "suggested_label") if name in header), 1)
+        rows = rows[1:]
+    out = []
+    for number, row in enumerate(rows, start=1):
+        if len(row) <= (label_column if columns == 2 else 0):
+            raise UserError(f"{flag} {file}: row {number} has no {'class' if columns == 2 else 'path'}: {','.join(row)}")
+        path = Path(row[0].strip()).expanduser()
+        relative = os.path.relpath(path.resolve(), root) if path.is_absolute() else os.path.normpath(path)
+        out.append([relative, row[label_column].strip()] if columns == 2 else [relative])
+    return out
+
+
+def _cache_root() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+def _edited(scan: imagefiles.FolderScan, options: SplitOptions) -> list[tuple[str, int]]:
+    """scan.files without the excluded paths and with the new labels; a path or class that is not
+    in the folder is an error (a list meant for other data)."""
+    known = {scan.relative(path): (path, label) for path, label in scan.files}
+    relabel = dict(options.relabel)
+    unknown = sorted((set(options.exclude) | set(relabel)) - set(known))
+    if unknown:
+        raise UserError(f"{len(unknown)} path(s) of --exclude/--relabel are not images in {scan.root}: "
+                        f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    bad = sorted({name for name in relabel.values() if name not in scan.class_names})
+    if bad:
+        raise UserError(f"--relabel names class(es) {', '.join(bad)}, not among {', '.join(scan.class_names)}")
+    excluded = set(options.exclude)
+    return [(path, scan.class_names.index(relabel[rel]) if rel in relabel else label)
+            for rel, (path, label) in known.items() if rel not in excluded]
 
 
 def _label_names(ds: Dataset) -> list[str]:
@@ -100,7 +194,7 @@ def _normalise_hub_columns(ds: Dataset) -> Dataset:
 
 
 def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
-                val_from: Optional[str] = AUTO) -> Splits:
+                val_from: Optional[str] = AUTO, options: SplitOptions = SplitOptions()) -> Splits:
     """Train/validation splits of a folder or Hub dataset (or a local copy of one: a folder of
     Parquet files per split, as the Hub stores them).
 
@@ -110,6 +204,7 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
     `val_from` (Hub datasets): AUTO, a split name, or None to split `train` even when the dataset
     has its own validation split (as checkpoints saved before val_from was recorded did).
     Unusable image files are left out with a warning each (`strict`: an error).
+    A folder's split keeps near-duplicate photos on one side and applies `options` (SplitOptions).
     """
     # absolute (recorded in checkpoints: eval.py may run elsewhere) and canonical, so that
     # `../x` and `/abs/x` share the caches of the scan and of --cache-resized
@@ -119,12 +214,16 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
     if root.is_dir() and not _holds_dataset_files(root):
         pre_split = _pre_split_dirs(root)
         if pre_split:
+            if options.exclude or options.relabel or options.fold:
+                raise UserError(f"--data {data} is split into {pre_split[0].name}/ and {pre_split[1].name}/ already: "
+                                "--exclude, --relabel and cross-validation need one folder per class at its top")
             (train, train_skipped), (val, val_skipped) = (_load_folder(d, strict) for d in pre_split)
             if _label_names(train) != _label_names(val):
                 raise UserError(f"{pre_split[0]} and {pre_split[1]} hold different class folders")
             return Splits(train, val, _label_names(train), str(root), train_skipped + val_skipped,
                           val_from=pre_split[1].name)
-        full, skipped = _load_folder(root, strict)
+        full, skipped = _load_folder(root, strict, options)
+        photos = True
     elif not root.is_dir() and (data.startswith((".", "/", "~")) or os.path.sep + os.path.sep in data):
         raise UserError(f"--data {data}: no such folder")
     else:
@@ -134,34 +233,99 @@ def load_splits(data: str, val_split: float, seed: int, strict: bool = False,
             if _label_names(own_val) != _label_names(full):
                 raise UserError(f"--data {data}: its '{val_from}' split has other classes than its training split")
             return Splits(full, own_val, _label_names(full), source, val_from=val_from)
-        skipped = []
+        skipped, photos = [], False
+        if options.exclude or options.relabel or options.fold:
+            raise UserError(f"--data {data}: --exclude, --relabel and cross-validation need a folder of photos")
     names = _label_names(full)
     if len(names) < 2:
         raise UserError(f"--data {data} has {len(names)} class(es); need at least 2")
+    groups = _groups(full, root, options) if photos else []  # (Hub datasets: images as bytes, no groups)
+    members = _group_members(full, root, groups)
     try:
-        train, val = stratified_split(full, val_split, seed)
+        if options.fold:
+            train, val = fold_split(full, options.fold, seed, members)
+        else:
+            train, val = stratified_split(full, val_split, seed, members)
     except ValueError as e:  # too few images for this fraction, or a class with a single image
-        raise UserError(f"cannot hold out --val-split {val_split} of the {len(full)} images in {data}, "
-                        f"stratified by class ({e})") from None
-    return Splits(train, val, names, str(root) if root.is_dir() else data, skipped)
+        what = f"make {options.fold[1]} folds" if options.fold else f"hold out --val-split {val_split}"
+        raise UserError(f"cannot {what} of the {len(full)} images in {data}, stratified by class ({e})") from None
+    return Splits(train, val, names, str(root) if root.is_dir() else data, skipped, groups=groups,
+                  exclude=sorted(options.exclude), relabel=dict(options.relabel), fold=options.fold)
 
 
-def stratified_split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Exactly `ds.train_test_split(test_size=val_fraction, stratify_by_column="label", seed=seed)`
-    (so splits and checkpoints stay comparable across versions), and faster on large sets:
-    datasets reads the label column row by row, here it is one Arrow column."""
-    n_val = math.ceil(val_fraction * len(ds))
-    if not 0 < n_val < len(ds):
-        raise ValueError(f"{n_val} of {len(ds)} images would be held out")
-    labels = ds.with_format("arrow")[:]["label"].to_numpy()  # honours an indices mapping
+def _groups(ds: Dataset, root: Path, options: SplitOptions) -> list[list[str]]:
+    """The near-duplicate groups (relative paths) the split keeps together: found (AUTO) or given."""
+    if options.groups != AUTO:
+        return [list(g) for g in options.groups]
+    if options.duplicate_distance < 0:
+        return []
+    paths = image_paths(ds)
+    cache = duplicates.cache_file_for(root, _cache_root() / "flowers-hashes")
+    found = duplicates.path_groups(paths, max_distance=options.duplicate_distance, cache_file=cache)
+    return [[os.path.relpath(p, root) for p in group] for group in found]
+
+
+def _group_members(ds: Dataset, root: Path, groups: list[list[str]]) -> list[list[int]]:
+    """Each group as row indices of `ds` (files no longer in it are left out; groups of one dropped)."""
+    if not groups:
+        return []
+    row = {os.path.relpath(p, root): i for i, p in enumerate(image_paths(ds)) if p is not None}
+    members = [sorted(row[p] for p in group if p in row) for group in groups]
+    return [m for m in members if len(m) > 1]
+
+
+def _units(n: int, labels: np.ndarray, groups: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """The rows as units that the split keeps whole: each group one unit (at its first row, labelled
+    by that row's class), every other row a unit of its own; in row order. Without groups, unit i is
+    row i, so the split is the plain one."""
+    first_of = {g[0]: g for g in groups}
+    grouped = {i for g in groups for i in g[1:]}
+    units = [first_of.get(i, [i]) for i in range(n) if i not in grouped]
+    return units, labels[[u[0] for u in units]]
+
+
+def _labels(ds: Dataset) -> np.ndarray:
+    return ds.with_format("arrow")[:]["label"].to_numpy()  # honours an indices mapping
+
+
+def stratified_split(ds: Dataset, val_fraction: float, seed: int,
+                     groups: Optional[list[list[int]]] = None) -> tuple[Dataset, Dataset]:
+    """Without `groups`: exactly `ds.train_test_split(test_size=val_fraction,
+    stratify_by_column="label", seed=seed)` (so splits and checkpoints stay comparable across
+    versions), and faster on large sets: datasets reads the label column row by row, here it is one
+    Arrow column. `groups` (lists of row indices) each land whole on one side: the same split
+    drawn over units (see _units), a group counting as one image of its first row's class."""
+    units, labels = _units(len(ds), _labels(ds), groups or [])
+    n_val = math.ceil(val_fraction * len(units))
+    if not 0 < n_val < len(units):
+        raise ValueError(f"{n_val} of {len(units)} images would be held out")
     try:
         train_idx, val_idx = next(stratified_shuffle_split_generate_indices(
-            labels, len(ds) - n_val, n_val, rng=np.random.default_rng(seed)))
+            labels, len(units) - n_val, n_val, rng=np.random.default_rng(seed)))
     except ValueError as e:
         if str(e) == "Minimum class count error":
             raise ValueError("the least populated class has only 1 image; each class needs at least 2") from None
         raise
-    return ds.select(train_idx), ds.select(val_idx)
+    return ds.select([i for u in train_idx for i in units[u]]), ds.select([i for u in val_idx for i in units[u]])
+
+
+def fold_split(ds: Dataset, fold: tuple[int, int], seed: int,
+               groups: Optional[list[list[int]]] = None) -> tuple[Dataset, Dataset]:
+    """(the other folds, fold number `fold[0]` of `fold[1]`): each class's units (see _units) in a
+    seeded order dealt round the folds, continuing from where the previous class stopped, so every
+    fold holds each class's share and the folds' sizes differ by at most one unit."""
+    number, folds = fold
+    units, labels = _units(len(ds), _labels(ds), groups or [])
+    if len(units) < folds:
+        raise ValueError(f"{len(units)} images cannot fill {folds} folds")
+    rng, fold_of, dealt = np.random.default_rng(seed), np.empty(len(units), dtype=np.int64), 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        fold_of[members] = (np.arange(len(members)) + dealt) % folds
+        dealt += len(members)
+    val = [i for u in np.flatnonzero(fold_of == number - 1) for i in units[u]]
+    train = [i for u in np.flatnonzero(fold_of != number - 1) for i in units[u]]
+    return ds.select(train), ds.select(val)
 
 
 def _holds_dataset_files(root: Path) -> bool:

@@ -1,5 +1,6 @@
-"""Data checks that warn, never fail: byte-identical images (in two classes, or twice in one)
-and class imbalance. Run at training start and by eval.py."""
+"""Data checks that warn, never fail: byte-identical images (in two classes, or twice in one),
+near-duplicate photos (resized or re-encoded copies, see duplicates.py: across classes a label is
+likely wrong) and class imbalance. Run at training start and by eval.py."""
 
 from __future__ import annotations
 
@@ -47,8 +48,42 @@ def duplicate_groups(parts: Iterable[Dataset]) -> list[list[tuple[str, int]]]:
     return [group for group in by_digest.values() if len(group) > 1]
 
 
-def find_problems(parts: list[Dataset], class_names: list[str]) -> list[str]:
-    """One warning line per problem found in the union of `parts` (e.g. the train and val splits)."""
+def _labelled(parts: Iterable[Dataset], groups: list[list[str]]) -> list[list[tuple[str, int]]]:
+    """Each group of paths as [(class/file name, label id), ...], with the labels `parts` give them."""
+    label_of = {}
+    for part in parts:
+        columns = part.cast_column("image", Image(decode=False))[:]
+        label_of.update((entry.get("path"), label) for entry, label in zip(columns["image"], columns["label"]))
+    return [[(os.path.basename(p), label_of[p]) for p in group if p in label_of] for group in groups]
+
+
+def near_duplicate_lines(parts: list[Dataset], class_names: list[str], near_duplicates: list[list[str]],
+                         byte_identical: list[list[tuple[str, int]]]) -> list[str]:
+    """Warnings naming the near-duplicate groups (paths) that are not just byte-identical copies
+    (those are named above): across classes first (a label is likely wrong), then within one."""
+    seen = [sorted(g) for g in byte_identical]
+    groups = [g for g in _labelled(parts, near_duplicates) if len(g) > 1 and sorted(g) not in seen]
+    across = [g for g in groups if len({label for _, label in g}) > 1]
+    within = [g for g in groups if len({label for _, label in g}) == 1]
+    show = lambda group: " ~ ".join(f"{class_names[label]}/{name}" for name, label in group)
+    lines = []
+    if across:
+        lines.append(f"{len(across)} group(s) of near-duplicate photos (resized or re-encoded copies) are in "
+                     "different classes (a label is likely wrong):")
+        lines += ["  " + show(g) for g in across[:MAX_LISTED]]
+        if len(across) > MAX_LISTED:
+            lines.append(f"  ... and {len(across) - MAX_LISTED} more")
+    if within:
+        more = f" and {len(within) - MAX_LISTED} more" if len(within) > MAX_LISTED else ""
+        lines.append(f"{len(within)} group(s) of near-duplicate photos within a class (each kept on one side of "
+                     f"the split): {'; '.join(show(g) for g in within[:MAX_LISTED])}{more}")
+    return lines
+
+
+def find_problems(parts: list[Dataset], class_names: list[str],
+                  near_duplicates: list[list[str]] = ()) -> list[str]:
+    """One warning line per problem found in the union of `parts` (e.g. the train and val splits);
+    `near_duplicates`: the split's groups of near-duplicate files (absolute paths)."""
     warnings = []
     groups = duplicate_groups(parts)
     across = [g for g in groups if len({label for _, label in g}) > 1]
@@ -65,7 +100,9 @@ def find_problems(parts: list[Dataset], class_names: list[str]) -> list[str]:
                              for group in within[:MAX_LISTED])
         more = f" and {len(within) - MAX_LISTED} more" if len(within) > MAX_LISTED else ""
         warnings.append(f"{len(within)} image(s) are duplicated within their class (a copy may sit in both "
-                        f"train and validation): {examples}{more}")
+                        f"train and validation unless near-duplicates are kept together): {examples}{more}")
+    if near_duplicates:
+        warnings += near_duplicate_lines(parts, class_names, list(near_duplicates), groups)
     counts = Counter(label for part in parts for label in part.select_columns("label")[:]["label"])
     sizes = [counts.get(i, 0) for i in range(len(class_names))]
     if min(sizes) == 0 or max(sizes) / min(sizes) > IMBALANCE_RATIO:
@@ -76,11 +113,12 @@ def find_problems(parts: list[Dataset], class_names: list[str]) -> list[str]:
     return warnings
 
 
-def warn_about_data(accelerator, parts: list[Dataset], class_names: list[str]) -> list[str]:
+def warn_about_data(accelerator, parts: list[Dataset], class_names: list[str],
+                    near_duplicates: list[list[str]] = ()) -> list[str]:
     """Print the data warnings once (main process); returns them."""
     if not accelerator.is_main_process:
         return []
-    problems = find_problems(parts, class_names)
+    problems = find_problems(parts, class_names, near_duplicates)
     for line in problems:
         print(line if line.startswith("  ") else f"data warning: {line}")
     return problems

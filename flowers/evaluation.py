@@ -21,7 +21,7 @@ from datasets import Dataset, Image, concatenate_datasets
 
 from flowers import calibration, checkpoint, report
 from flowers.config import EvalConfig
-from flowers.data import (AUTO, LoaderOptions, default_workers, full_dataset, image_paths, load_splits, make_loader,
+from flowers.data import (AUTO, LoaderOptions, SplitOptions, recorded_split, default_workers, full_dataset, image_paths, load_splits, make_loader,
                           with_transform)
 from flowers.datacheck import warn_about_data
 from flowers.engine import EvalOutput, evaluate
@@ -34,22 +34,25 @@ from flowers.runtime import has_gpu, make_accelerator
 from flowers.transforms import eval_transform
 
 
-def _select_images(cfg: EvalConfig, meta: dict) -> tuple[Dataset, list[Dataset], list[str], str, str]:
-    """(images to evaluate, every image of the source for the data checks, class names, split, source)."""
+def _select_images(cfg: EvalConfig, meta: dict) -> tuple[Dataset, list[Dataset], list[str], str, str, list]:
+    """(images to evaluate, every image of the source for the data checks, class names, split, source,
+    the near-duplicate groups of the split as absolute paths)."""
     data = meta["data"]
     source = cfg.data or data["source"]
     split = cfg.split or ("all" if cfg.data else "val")
     if cfg.data and split == "all":
         dataset, names = full_dataset(cfg.data, cfg.strict)
-        return dataset, [dataset], names, split, source
+        return dataset, [dataset], names, split, source, []
     # the training run's validation split: its source's own (recorded as val_from), or held out of
     # train (checkpoints without val_from were all split that way); other data: its own, if any
     val_from = AUTO if cfg.data else data.get("val_from")
-    splits = load_splits(source, float(data["val_split"]), int(data["split_seed"]), cfg.strict, val_from)
+    # the run's groups, exclusions, new labels and fold (none for other data: its plain split)
+    options = SplitOptions(groups=[]) if cfg.data else recorded_split(data)
+    splits = load_splits(source, float(data["val_split"]), int(data["split_seed"]), cfg.strict, val_from, options)
     chosen = {"val": splits.val, "train": splits.train}.get(split)
     if chosen is None:
         chosen = concatenate_datasets([splits.train, splits.val])
-    return chosen, [splits.train, splits.val], splits.class_names, split, source
+    return chosen, [splits.train, splits.val], splits.class_names, split, source, splits.group_paths()
 
 
 def _report_dir(ckpt_dir: Path, cfg: EvalConfig, split: str, meta: dict) -> Path:
@@ -127,11 +130,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     class_names = list(meta["class_names"])
 
     with accelerator.main_process_first():
-        dataset, all_parts, names, split, source = _select_images(cfg, meta)
+        dataset, all_parts, names, split, source, groups = _select_images(cfg, meta)
     if names != class_names:
         raise UserError(f"classes in {source} ({', '.join(names)}) do not match the checkpoint's "
                         f"({', '.join(class_names)})")
-    warn_about_data(accelerator, all_parts, class_names)
+    warn_about_data(accelerator, all_parts, class_names, near_duplicates=groups)
 
     norm = meta["normalization"]
     size = eval_crop(cfg, meta)

@@ -63,7 +63,7 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], title: st
 
 
 def plot_mistakes(images: list[Image.Image], captions: list[str], title: str, path: Path,
-                  columns: int = 4) -> Path:
+                  columns: int = 4, empty: str = "no misclassified images") -> Path:
     """A grid of images with a caption each (true label, prediction, confidence, file)."""
     plt = _pyplot()
     rows = max(1, math.ceil(len(images) / columns))
@@ -74,7 +74,7 @@ def plot_mistakes(images: list[Image.Image], captions: list[str], title: str, pa
         ax.imshow(image)
         ax.set_title(caption, fontsize=9)
     if not images:
-        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
+        fig.text(0.5, 0.5, empty, ha="center", va="center", fontsize=14)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path)

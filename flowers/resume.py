@@ -229,6 +229,12 @@ def load_init_weights(model: nn.Module, path: Path, class_names: list[str]) -> d
 
 # ---- SIGINT / SIGTERM -----------------------------------------------------------------------------
 
+def _owner(handler: Any) -> Optional["StopOnSignal"]:
+    """The StopOnSignal whose handler `handler` is (an enclosing one: crossval around fit), else None."""
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, StopOnSignal) else None
+
+
 class StopOnSignal:
     """While active, the first SIGINT/SIGTERM only sets `signum` (training stops after the current
     optimizer step, or under DDP within CHECK_EVERY batches, and saves last/); a second SIGINT
@@ -252,11 +258,17 @@ class StopOnSignal:
     def __enter__(self) -> "StopOnSignal":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+            outer = _owner(self._previous[sig])
+            if outer is not None and outer.signum is not None:  # (crossval) a signal before training began
+                self.signum = outer.signum
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+            outer = _owner(handler)
+            if outer is not None and self.signum is not None:  # the enclosing loop stops too
+                outer.signum = outer.signum or self.signum
 
     def requested(self, accelerator: Accelerator, step: Optional[int] = None) -> bool:
         """True on every process when any process got a signal.

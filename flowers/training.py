@@ -21,8 +21,8 @@ from torch import nn
 
 from flowers import balance, calibration, checkpoint, tracking
 from flowers.config import TrainConfig, to_dict
-from flowers.data import (AUTO, Splits, build_loaders, load_splits, place_decoded_images, resized_splits, resolve_data,
-                          resolve_pipeline)
+from flowers.data import (AUTO, SplitOptions, Splits, build_loaders, load_splits, place_decoded_images, read_edits,
+                          recorded_split, resized_splits, resolve_data, resolve_pipeline)
 from flowers.datacheck import warn_about_data
 from flowers.errors import UserError
 from flowers.engine import EpochOptions, EpochStats, EvalOutput, evaluate, train_one_epoch
@@ -117,9 +117,10 @@ class RunStart:
     init_path: Optional[Path]
     saved_meta: dict[str, Any]  # last/'s metadata of the run it continues ({} for a new run)
     switched_offline: bool      # W&B logs offline because no API key is configured
+    fold: Optional[tuple[int, int]] = None  # a new run: validate on this cross-validation fold (crossval.py)
 
     @classmethod
-    def resolve(cls, cfg: TrainConfig) -> RunStart:
+    def resolve(cls, cfg: TrainConfig, fold: Optional[tuple[int, int]] = None) -> RunStart:
         """Find the run --resume names (its saved config wins) and the weights --init-from names;
         switch W&B to offline mode when no API key is configured (before any Accelerator exists)."""
         resume_dir = None
@@ -131,7 +132,7 @@ class RunStart:
             cfg = dataclasses.replace(cfg, init_from=str(init_path))
         switched_offline = tracking.prepare_wandb_mode(cfg.report_to)
         saved_meta = checkpoint.load_meta(resume_dir / "last") if resume_dir else {}
-        return cls(cfg, resume_dir, init_path, saved_meta, switched_offline)
+        return cls(cfg, resume_dir, init_path, saved_meta, switched_offline, fold)
 
     @property
     def shuffle_seed(self) -> int:
@@ -146,6 +147,16 @@ class RunStart:
         val_from was recorded split train)."""
         return self.saved_meta.get("data", {}).get("val_from") if self.resume_dir else AUTO
 
+    def split_options(self, data: str) -> SplitOptions:
+        """What decides the split besides seed and fraction: a resumed run's record (runs saved
+        before it was recorded: their plain split), else near-duplicate groups found now, the
+        --exclude and --relabel lists, and the fold."""
+        if self.resume_dir:
+            return recorded_split(self.saved_meta.get("data", {}))
+        exclude, relabel = read_edits(self.cfg.exclude, self.cfg.relabel, Path(data).expanduser().resolve())
+        return SplitOptions(duplicate_distance=self.cfg.duplicate_distance, exclude=exclude, relabel=relabel,
+                            fold=self.fold)
+
 
 def _load_data(accelerator: Accelerator, start: RunStart) -> tuple[Optional[dict], Splits]:
     """The initial weights and the splits to train on.
@@ -156,11 +167,13 @@ def _load_data(accelerator: Accelerator, start: RunStart) -> tuple[Optional[dict
     cfg = start.cfg
     with accelerator.local_main_process_first():
         init_state = initial_state("none" if start.resume_dir or start.init_path else cfg.weights, cfg.arch)
-        splits = load_splits(resolve_data(cfg.data), cfg.val_split, cfg.seed, cfg.strict, start.val_from)
+        data = resolve_data(cfg.data)
+        splits = load_splits(data, cfg.val_split, cfg.seed, cfg.strict, start.val_from, start.split_options(data))
         # the device pipeline decodes the photos at evaluation's short side, from that cache
         decode_once = cfg.cache_resized or resolve_pipeline(cfg.pipeline, accelerator.device.type) == "device"
         training_splits = resized_splits(splits, eval_size(cfg.image_size)) if decode_once else splits
-    warn_about_data(accelerator, [splits.train, splits.val], splits.class_names)  # the original files
+    warn_about_data(accelerator, [splits.train, splits.val], splits.class_names,  # the original files
+                    near_duplicates=splits.group_paths())
     return init_state, training_splits
 
 
@@ -471,7 +484,9 @@ class Run:
             "data": {"source": splits.source, "split_seed": cfg.seed, "val_split": cfg.val_split,
                      "train_size": len(splits.train), "val_size": len(splits.val),
                      "shuffle_seed": self.start.shuffle_seed, "val_from": splits.val_from,
-                     "sampler": cfg.sampler, "class_weights": _weights_list(self.loss_fn)},
+                     "sampler": cfg.sampler, "class_weights": _weights_list(self.loss_fn),
+                     "groups": splits.groups, "exclude": splits.exclude, "relabel": splits.relabel,
+                     "fold": list(splits.fold) if splits.fold else None},
             "run_name": self.run_dir.name,
             "epoch": self.progress.epoch,
             "global_step": self.progress.global_step,
@@ -495,10 +510,12 @@ def _weights_list(loss_fn: Any) -> Optional[list[float]]:
     return None if weight is None else [round(float(w), 6) for w in weight]
 
 
-def open_run(cfg: TrainConfig) -> Run:
+def open_run(cfg: TrainConfig, fold: Optional[tuple[int, int]] = None) -> Run:
     """Everything fit() trains with, set up from the config: where the run starts from, the
-    accelerator, the data, the run folder and the prepared model, optimizer, schedule and loaders."""
-    start = RunStart.resolve(cfg)
+    accelerator, the data, the run folder and the prepared model, optimizer, schedule and loaders.
+    `fold` (number, of K): validate on that fold of a K-fold split (crossval.py; a resumed run
+    keeps its recorded fold)."""
+    start = RunStart.resolve(cfg, fold)
     cfg = start.cfg
     accelerator = make_accelerator(start.shuffle_seed, cfg.grad_accum_steps, tracking.tracker_names(cfg.report_to),
                                    project_dir=cfg.output_dir, compile=cfg.compile)
@@ -510,13 +527,13 @@ def open_run(cfg: TrainConfig) -> Run:
     return Run.create(accelerator, start, splits, init_state, run_dir)
 
 
-def fit(cfg: TrainConfig) -> Path:
+def fit(cfg: TrainConfig, fold: Optional[tuple[int, int]] = None) -> Path:
     """Train as configured (or continue an interrupted run); returns the run folder holding
-    best/ and last/ (and ema/ with --ema-decay).
+    best/ and last/ (and ema/ with --ema-decay). `fold`: see open_run.
 
     Set up (open_run; resuming, the saved state; the trackers), then each epoch: train,
     validate (noting a new best), save, track; then finish the trackers."""
-    run = open_run(cfg)
+    run = open_run(cfg, fold)
     if run.start.resume_dir and not run.resume():
         return run.run_dir  # it had already finished
     run.start_tracking()

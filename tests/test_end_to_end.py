@@ -44,9 +44,12 @@ def test_training_writes_best_and_last_with_self_contained_metadata(single_run):
     assert meta["class_names"] == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
     shuffle_seed = meta["data"].pop("shuffle_seed")  # derived from the seed, never the seed itself
     assert isinstance(shuffle_seed, int) and shuffle_seed != 42
+    groups = meta["data"].pop("groups")  # near-duplicates kept on one side (see test_near_duplicates.py)
+    assert isinstance(groups, list)
     assert meta["data"] == {"source": str(data), "split_seed": 42, "val_split": 0.2, "train_size": 32, "val_size": 8,
                             "val_from": None,  # split here, not a validation split of its own
-                            "sampler": "random", "class_weights": None}  # the defaults: shuffled, unweighted
+                            "sampler": "random", "class_weights": None,  # the defaults: shuffled, unweighted
+                            "exclude": [], "relabel": {}, "fold": None}
     assert meta["image_size"] == 32 and meta["config"]["epochs"] == 2
     history = read_history(run)
     assert [row["epoch"] for row in history] == [1, 2]

@@ -19,8 +19,8 @@ import yaml
 
 from flowers import config
 from flowers.cli import run
-from flowers.config import (Choice, CompareConfig, EvalConfig, ExportConfig, PredictConfig, Span, TrainConfig,
-                            from_dict, parse, valid_values)
+from flowers.config import (Choice, CompareConfig, CrossvalConfig, EvalConfig, ExportConfig, LabelIssuesConfig,
+                            PredictConfig, Span, TrainConfig, from_dict, parse, valid_values)
 from flowers.errors import UserError
 
 from conftest import REPO
@@ -32,6 +32,8 @@ COMMANDS = {
     PredictConfig: ({"inputs": ["photo.jpg"]}, "flowers.predict:main"),
     ExportConfig: ({}, "flowers.export:main"),
     CompareConfig: ({"group": "g"}, "flowers.compare:main"),
+    CrossvalConfig: ({}, "flowers.crossval:main"),
+    LabelIssuesConfig: ({"folder": "cv"}, "flowers.label_issues:main"),
 }
 
 
@@ -69,6 +71,8 @@ def _argv(cls: type, f: dataclasses.Field, value) -> list[str]:
     for name, v in [*required.items(), (f.name, value)]:
         if name == "inputs":
             argv += list(v)
+        elif name == "folder":  # label_issues' FOLDER
+            argv.append(v)
         elif isinstance(v, bool):
             argv.append(("--" if v else "--no-") + name.replace("_", "-"))
         else:
@@ -130,13 +134,13 @@ def test_yaml_true_and_false_mean_the_bare_flag_and_its_absence(cls, tmp_path):
     """freeze_backbone: true is the whole run (-1) as the bare flag is; resume: true the latest run;
     false their defaults; a switch its value; any other option refuses a boolean in one line."""
     required, _ = COMMANDS[cls]
-    positional = required.get("inputs", [])
+    positional = required.get("inputs", []) + ([required["folder"]] if "folder" in required else [])
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional") or f.name == "config":
             continue
         for value in (True, False):
             path = tmp_path / "c.yaml"
-            path.write_text(yaml.safe_dump({**{k: v for k, v in required.items() if k != "inputs"},
+            path.write_text(yaml.safe_dump({**{k: v for k, v in required.items() if k not in ("inputs", "folder")},
                                             f.name: value}))
             argv = [*positional, "--config", str(path)]
             if valid_values(f) is config.SWITCH:
