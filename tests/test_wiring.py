@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torchvision.transforms import v2
 
-from conftest import make_dataset
+from conftest import CLASSES, make_dataset
 from flowers import tracking, training
 from flowers.config import TrainConfig, parse
+from flowers.data import image_paths
 from flowers.device_data import DeviceLoader
 from flowers.errors import UserError
 from flowers.transforms import eval_size
@@ -305,3 +308,29 @@ def test_device_cache_chooses_where_the_decoded_photos_live(open_run, capsys):
     assert "kept on the host (--device-cache host)" in capsys.readouterr().out
     open_run("--pipeline", "device")
     assert "kept on cpu (--device-cache auto)" in capsys.readouterr().out
+
+
+def _blob_photos(root, per_class: int = 8):
+    """Photos of smooth random blobs (upscaled 8x6 noise), one sub-folder per flower class: no two
+    alike, and a resized copy of one hashes close to it (a flat generated colour has no hash)."""
+    rng = np.random.default_rng(1)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+            small.resize((80, 60), Image.BILINEAR).save(root / name / f"{i}.jpg", quality=95)
+    return root
+
+
+def test_exclude_relabel_and_duplicate_distance_shape_the_split(open_run, tmp_path):
+    data = _blob_photos(tmp_path / "blobs")
+    Image.open(data / "daisy" / "0.jpg").resize((64, 48)).save(data / "daisy" / "copy.jpg", quality=80)
+    (tmp_path / "drop.csv").write_text("rose/1.jpg\n")
+    (tmp_path / "fix.csv").write_text("path,label\ntulip/2.jpg,daisy\n")
+    run = open_run("--exclude", str(tmp_path / "drop.csv"), "--relabel", str(tmp_path / "fix.csv"), data=data)
+    splits = run.splits
+    labels = {p: label for part in (splits.train, splits.val) for p, label in zip(image_paths(part), part["label"])}
+    assert str(data / "rose" / "1.jpg") not in labels and len(labels) == 40
+    assert labels[str(data / "tulip" / "2.jpg")] == splits.class_names.index("daisy")
+    assert sorted(map(sorted, splits.groups)) == [["daisy/0.jpg", "daisy/copy.jpg"]]
+    assert open_run("--duplicate-distance", "-1", data=data).splits.groups == []

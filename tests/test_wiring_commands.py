@@ -225,3 +225,40 @@ def test_compare_wandb_entity_and_project_reach_the_report(tmp_path, monkeypatch
         monkeypatch.setattr(sys, "argv", ["compare", "--group", "g", "--output-dir", str(runs_dir), *args])
         compare.main()
         assert built[-1] == expected
+
+
+# ---- crossval ---------------------------------------------------------------------------------------------
+
+def test_crossval_folds_train_one_model_per_fold_and_predict_every_image_once(tmp_path, monkeypatch):
+    from flowers.config import CrossvalConfig
+    from flowers.crossval import crossval
+
+    data = make_dataset(tmp_path / "flowers", per_class=4)
+    _fresh_state()
+    summary = crossval(parse(CrossvalConfig, [
+        "--data", str(data), "--output-dir", str(tmp_path / "out"), "--run-name", "cv", "--folds", "2",
+        "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--weights", "none", "--report-to", "none",
+        "--workers", "0"]))
+    assert len(summary["val_accuracy"]) == 2
+    folds = [checkpoint.load_meta(tmp_path / "out" / "cv" / f"fold-{k}" / "last")["data"]["fold"] for k in (1, 2)]
+    assert folds == [[1, 2], [2, 2]]
+    rows = (tmp_path / "out" / "cv" / "oof.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 20  # a header, then every image once
+
+    # ---- label_issues on it: its folder, --filter-by and --show ----
+    pytest.importorskip("cleanlab")
+    from flowers import label_issues as li
+    from flowers.config import LabelIssuesConfig
+
+    shown = []
+    plot_gallery = li.plot_gallery
+    monkeypatch.setattr(li, "plot_gallery", lambda rows, *args: (shown.append(len(rows)), plot_gallery(rows, *args)))
+    oof = [line.split(",") for line in rows[1:]]
+    header = (tmp_path / "out" / "cv" / "oof.csv").read_text().splitlines()[0].split(",")
+    names = header[2:]
+    wrong = sum(max(range(len(names)), key=lambda k: float(r[2 + k])) != names.index(r[1]) for r in oof)
+    found = li.label_issues(parse(LabelIssuesConfig, [str(tmp_path / "out" / "cv"), "--filter-by",
+                                                      "predicted_neq_given", "--show", "1"]))
+    assert len(found) == wrong >= 2  # predicted_neq_given: exactly the images whose argmax is not their label
+    assert shown == [1]
+    assert (tmp_path / "out" / "cv" / "label_issues.csv").is_file()
