@@ -109,6 +109,6 @@ def test_crossval_stopped_by_sigterm_resumes_without_retraining_finished_folds(t
     assert (stopped / "cv" / "oof.csv").read_text() == (whole / "cv" / "oof.csv").read_text()
     ours, theirs = (json.loads((d / "cv" / "crossval.json").read_text()) for d in (stopped, whole))
     assert ours["val_accuracy"] == theirs["val_accuracy"]
-    timeless = lambda run: [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")}
+    timeless = lambda run: [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s", "data_wait")}
                             for row in read_history(run)]
     assert timeless(stopped / "cv" / "fold-2") == timeless(whole / "cv" / "fold-2")
