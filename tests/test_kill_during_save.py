@@ -18,7 +18,7 @@ from flowers.resume import trim_history
 # then for each kill point a run SIGKILLed there at a point of an epoch's save and a run that
 # continues it (--resume). The parent compares each continued run with the reference.
 SCRIPT = textwrap.dedent('''
-    import hashlib, json, os, signal, sys
+    import hashlib, json, os, shutil, signal, sys
     from pathlib import Path
 
     from flowers import checkpoint, training, tracking
@@ -128,6 +128,7 @@ SCRIPT = textwrap.dedent('''
         again = ["--resume", str(out / "r")] if resumable else ["--run-name", "r"]
         assert in_child(lambda: train(out, *again)) == 0, f"{point}: {' '.join(again)} failed"
         print("CONTINUED", point, json.dumps(outcome(out / "r")), flush=True)
+        shutil.rmtree(out)  # each point's run holds ~0.5 GB of checkpoints: keep the disk for the rest
 ''')
 
 # epoch:file:moment. Epoch 2: every point (last/ of epoch 1 exists: --resume). Epoch 1: before last/
