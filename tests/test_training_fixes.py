@@ -38,13 +38,15 @@ def test_an_existing_run_name_is_refused_and_left_untouched(flower_dir, tmp_path
     taken = tmp_path / "out" / "mine"
     taken.mkdir(parents=True)
     (taken / "history.jsonl").write_text('{"epoch": 1}\n')
+    (taken / "last").mkdir()  # something to resume (a folder without it gives its name back)
+    (taken / "last" / "checkpoint.json").write_text("{}")
     proc = run_cli("python", "train.py", "--data", str(flower_dir), "--output-dir", str(tmp_path / "out"),
                    "--run-name", "mine", *TINY_TRAIN, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: --run-name mine: {taken} already exists; continue that run with --resume {taken}, "
         "or choose another name")
-    assert [p.name for p in taken.iterdir()] == ["history.jsonl"]
+    assert sorted(p.name for p in taken.iterdir()) == ["history.jsonl", "last"]
     assert (taken / "history.jsonl").read_text() == '{"epoch": 1}\n'
 
 
@@ -285,7 +287,7 @@ BREAK_AFTER_SCAN = '''
 
     warn_about_data = evaluation.warn_about_data
 
-    def break_two_photos_then_warn(accelerator, parts, class_names):
+    def break_two_photos_then_warn(accelerator, parts, class_names, **kwargs):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             victims = image_paths(parts[1])[:2]
@@ -296,7 +298,7 @@ BREAK_AFTER_SCAN = '''
                 with open(path, "wb") as f:
                     f.write(b"garbage")
         accelerator.wait_for_everyone()
-        return warn_about_data(accelerator, parts, class_names)
+        return warn_about_data(accelerator, parts, class_names, **kwargs)
 
     evaluation.warn_about_data = break_two_photos_then_warn
 '''
