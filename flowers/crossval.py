@@ -24,7 +24,7 @@ import io
 import json
 import signal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import yaml

@@ -260,7 +260,7 @@ def _groups(ds: Dataset, root: Path, options: SplitOptions) -> list[list[str]]:
     if options.duplicate_distance < 0:
         return []
     paths = image_paths(ds)
-    cache = duplicates.cache_file_for(root, _cache_root() / "flowers-hashes")
+    cache = imagefiles.cache_file_for(root, _cache_root() / "flowers-hashes")
     found = duplicates.path_groups(paths, max_distance=options.duplicate_distance, cache_file=cache)
     return [[os.path.relpath(p, root) for p in group] for group in found]
 

@@ -14,14 +14,14 @@ distances measured on the flower set and why the default is what it is.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from flowers import imagefiles
 
 # Hamming distance (of 64 bits) at or below which two photos are the same photo: see docs/design.md
 DEFAULT_DISTANCE = 5  # config.TrainConfig.duplicate_distance's default too
@@ -54,39 +54,9 @@ def file_hash(path: str) -> Optional[int]:
 
 def hash_files(paths: list[str], cache_file: Optional[Path] = None,
                workers: Optional[int] = None) -> dict[str, Optional[int]]:
-    """file_hash of every path; with `cache_file`, each hash is kept there with the file's size and
-    modification time, and only new or changed files are decoded again (as imagefiles caches its
-    verdicts)."""
-    cached: dict = {}
-    if cache_file is not None and cache_file.is_file():
-        try:
-            cached = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cached = {}
-    stamps = {}
-    for path in paths:
-        try:
-            st = os.stat(path)
-            stamps[path] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            stamps[path] = None
-    hashes = {p: cached[p][2] for p in paths if stamps[p] and cached.get(p, [None, None])[:2] == stamps[p]}
-    todo = [p for p in paths if p not in hashes]
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        hashes.update(zip(todo, pool.map(file_hash, todo)))  # PIL decodes without the GIL
-    if cache_file is not None and todo and os.environ.get("RANK", "0") == "0":
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({p: [*stamps[p], hashes[p]] for p in paths if stamps[p]}))
-            os.replace(tmp, cache_file)  # atomic: another process reads the old file or the new one
-        except OSError:
-            pass  # a read-only cache only costs time
-    return hashes
-
-
-def cache_file_for(root: Path, cache_dir: Path) -> Path:
-    return cache_dir / (hashlib.sha256(str(Path(root).absolute()).encode()).hexdigest()[:16] + ".json")
+    """file_hash of every path; with `cache_file`, only new or changed files are decoded again
+    (imagefiles.per_file_cached, as imagefiles caches its verdicts)."""
+    return imagefiles.per_file_cached(paths, file_hash, cache_file, workers)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

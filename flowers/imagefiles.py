@@ -152,7 +152,7 @@ def scan_folder(root: Path, workers: Optional[int] = None, cache_dir: Optional[P
             notes.append(f"{class_dir.name}/ has images in sub-folders; they count as class '{class_dir.name}'")
         per_class[class_dir.name] = candidates
     all_candidates = [p for paths in per_class.values() for p in paths]
-    reasons = _check_all(all_candidates, workers, cache_dir / _cache_name(root) if cache_dir else None)
+    reasons = _check_all(all_candidates, workers, cache_file_for(root, cache_dir) if cache_dir else None)
     skipped += [(p, r) for p, r in reasons.items() if r is not None]
     kept = {name: [p for p in paths if reasons[p] is None] for name, paths in per_class.items()}
     class_names = [name for name, paths in kept.items() if paths]
@@ -166,13 +166,21 @@ def scan_folder(root: Path, workers: Optional[int] = None, cache_dir: Optional[P
     return FolderScan(root, class_names, files, sorted(skipped), notes)
 
 
-def _cache_name(root: Path) -> str:
-    return hashlib.sha256(str(root.absolute()).encode()).hexdigest()[:16] + ".json"
+def cache_file_for(root: Path, cache_dir: Path) -> Path:
+    """The file in `cache_dir` that holds per-file results for the folder `root`."""
+    return cache_dir / (hashlib.sha256(str(Path(root).absolute()).encode()).hexdigest()[:16] + ".json")
 
 
 def _check_all(paths: list[str], workers: Optional[int], cache_file: Optional[Path]) -> dict[str, Optional[str]]:
-    """check_image for every path, reusing the verdicts in `cache_file` for files whose size and
-    modification time are unchanged."""
+    """check_image for every path (see per_file_cached)."""
+    return per_file_cached(paths, check_image, cache_file, workers)
+
+
+def per_file_cached(paths: list[str], compute, cache_file: Optional[Path] = None,
+                    workers: Optional[int] = None) -> dict:
+    """compute(path) for every path, on several threads (PIL decodes without the GIL); with
+    `cache_file`, each result is kept there with the file's size and modification time, and only new
+    or changed files are computed again. Results must be JSON values."""
     cached: dict = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -186,19 +194,19 @@ def _check_all(paths: list[str], workers: Optional[int], cache_file: Optional[Pa
             stamps[path] = [st.st_size, st.st_mtime_ns]
         except OSError:
             stamps[path] = None
-    reasons = {p: cached[p][2] for p in paths if stamps[p] and cached.get(p, [None, None])[:2] == stamps[p]}
-    todo = [p for p in paths if p not in reasons]
+    results = {p: cached[p][2] for p in paths if stamps[p] and cached.get(p, [None, None])[:2] == stamps[p]}
+    todo = [p for p in paths if p not in results]
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1))) as pool:
-        reasons.update(zip(todo, pool.map(check_image, todo)))  # PIL decodes without the GIL
+        results.update(zip(todo, pool.map(compute, todo)))
     if cache_file is not None and todo and is_main_process():
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({p: [*stamps[p], reasons[p]] for p in paths if stamps[p]}))
+            tmp.write_text(json.dumps({p: [*stamps[p], results[p]] for p in paths if stamps[p]}))
             os.replace(tmp, cache_file)  # atomic: another process reads the old file or the new one
         except OSError:
             pass  # a read-only cache only costs time
-    return reasons
+    return results
 
 
 def report(scan: FolderScan, strict: bool) -> None:

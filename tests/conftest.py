@@ -163,6 +163,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def open_tiny_run(data: Path, output_dir: Path, *args: str):
+    """training.open_run (the Run that fit() trains with) for a command line, in-process, with small,
+    fast defaults before `args`; Accelerate's process-wide state is reset first."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from flowers import training
+    from flowers.config import TrainConfig, parse
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    base = ["--data", str(data), "--output-dir", str(output_dir), "--weights", "none", "--image-size", "32",
+            "--batch-size", "4", "--report-to", "none", "--workers", "0"]
+    return training.open_run(parse(TrainConfig, base + list(args)))
+
+
 TINY_TRAIN = ("--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to", "none",
               "--workers", "0")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 
-from conftest import CLASSES, make_dataset, read_history
+from conftest import open_tiny_run, CLASSES, make_dataset, read_history
 from flowers import balance, training
 from flowers.config import TrainConfig, parse
 from flowers.engine import EpochOptions, train_one_epoch
@@ -42,13 +42,7 @@ def presplit(tmp_path_factory):
 
 @pytest.fixture
 def open_run(lopsided, tmp_path):
-    def opened(*args: str, data=None) -> training.Run:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        base = ["--data", str(data or lopsided), "--output-dir", str(tmp_path / "out"), "--weights", "none",
-                "--image-size", "32", "--batch-size", "4", "--report-to", "none", "--workers", "0"]
-        return training.open_run(parse(TrainConfig, base + list(args)))
-    return opened
+    return lambda *args, data=None: open_tiny_run(data or lopsided, tmp_path / "out", *args)
 
 
 def _train_labels(run: training.Run) -> list[int]:
@@ -136,7 +130,8 @@ class _Pixels:
     def __init__(self, run: training.Run, sleep: float = 0.0):
         make = run.train_loader.make_pixels
         self.device, self.sleep = make.device, sleep
-        self.cached = make(torch.arange(4), torch.arange(4), 0)
+        rows = torch.arange(run.cfg.batch_size)
+        self.cached = make(rows, rows, 0)
 
     def plan(self, rows, epoch):
         time.sleep(self.sleep)
@@ -149,8 +144,8 @@ class _Pixels:
 def test_data_wait_is_near_0_with_ready_batches_and_near_1_with_a_sleeping_loader(open_run):
     """The run's own loader and training loop, with a model whose step takes a steady 50 ms (a
     real one's time depends on the machine's load): ready batches cost the loop next to nothing,
-    a loader that sleeps 0.3 s a batch nearly all of it."""
-    run = open_run("--pipeline", "device")
+    a loader that sleeps 1 s a batch nearly all of it (4 batches of 8)."""
+    run = open_run("--pipeline", "device", "--batch-size", "8")
 
     class SteadyModel(torch.nn.Sequential):
         def forward(self, images):
@@ -164,7 +159,7 @@ def test_data_wait_is_near_0_with_ready_batches_and_near_1_with_a_sleeping_loade
         run.train_loader.make_pixels = pixels
         return train_one_epoch(run.accelerator, model, run.train_loader.for_epoch(0), optimizer, None,
                                run.loss_fn, EpochOptions(channels_last=False)).data_wait
-    ready, sleeping = _Pixels(run), _Pixels(run, sleep=0.3)
+    ready, sleeping = _Pixels(run), _Pixels(run, sleep=1.0)
     assert data_wait(ready) < 0.2
     assert data_wait(sleeping) > 0.8
 

@@ -13,13 +13,11 @@ import pytest
 import torch
 from PIL import Image
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torchvision.transforms import v2
 
-from conftest import CLASSES, make_dataset
+from conftest import open_tiny_run, CLASSES, make_dataset
 from flowers import tracking, training
-from flowers.config import TrainConfig, parse
 from flowers.data import image_paths
 from flowers.device_data import DeviceLoader
 from flowers.errors import UserError
@@ -35,13 +33,7 @@ def photos(tmp_path_factory):
 @pytest.fixture
 def open_run(photos, tmp_path):
     """training.open_run for a command line (with small, fast defaults before it)."""
-    def opened(*args: str, data=None) -> training.Run:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        base = ["--data", str(data or photos), "--output-dir", str(tmp_path / "out"), "--weights", "none",
-                "--image-size", "32", "--batch-size", "4", "--report-to", "none", "--workers", "0"]
-        return training.open_run(parse(TrainConfig, base + list(args)))
-    return opened
+    return lambda *args, data=None: open_tiny_run(data or photos, tmp_path / "out", *args)
 
 
 def _lr_factors(run: training.Run, group: int = -1) -> list[float]:
