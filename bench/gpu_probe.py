@@ -36,8 +36,8 @@ PHOTO_SIZES = [(500, 333), (320, 240), (240, 320), (500, 375), (333, 500)]
 def data_folder(given: str, work: Path, per_class: int) -> Path:
     """`given` when it holds photos, else `per_class` generated photos per class (smooth noise at
     the flower set's sizes) under `work`."""
-    folder = Path(given)
-    if folder.is_dir() and any(folder.rglob("*.jpg")):
+    folder = Path(given)  # Path("") is the current folder: no folder given means generate
+    if given and folder.is_dir() and any(folder.rglob("*.jpg")):
         count = sum(1 for _ in folder.rglob("*.jpg"))
         print(f"data: {folder} ({count} photos)", file=sys.stderr)
         return folder
