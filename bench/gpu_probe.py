@@ -260,7 +260,7 @@ def throughput(args, common_cfg: dict) -> int:
     from flowers.recipe import make_loss
     from flowers.config import TrainConfig
     from flowers.runtime import make_accelerator
-    from flowers.transforms import BatchAugmentation, eval_size, example_seed, sample_augmentation
+    from flowers.transforms import BatchAugmentation, draws_for_epoch, eval_size, sample_augmentation
 
     cfg = TrainConfig(**common_cfg)
     accelerator = make_accelerator(cfg.seed, mixed_precision=args.precision)
@@ -312,8 +312,8 @@ def throughput(args, common_cfg: dict) -> int:
     print(_line(f"host-gather branch forced, batch {args.batch_sizes[0]}", r) + f"; same pixels as on the device: {same}")
     # CUDA vs CPU augmentation of the same draws
     rows = torch.arange(min(32, len(images)))
-    params = [sample_augmentation(images.sizes[i][1], images.sizes[i][0], cfg.image_size,
-                                  torch.Generator().manual_seed(example_seed(cfg.seed, 0, int(i)))) for i in rows]
+    heights, widths = np.array([images.sizes[i] for i in rows]).T
+    params = sample_augmentation(draws_for_epoch(cfg.seed, 0, len(rows)), widths, heights, cfg.image_size)
     augment = BatchAugmentation(cfg.image_size)
     on_cpu = augment(on_host.pixels[rows], images.transposed[rows], params)
     here = augment(images.pixels[rows.to(images.pixels.device)], images.transposed[rows], params).cpu()

@@ -25,7 +25,7 @@ from flowers.balance import BalancedSampler, split_labels
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
-from flowers.transforms import eval_transform, example_seed, short_side_resize, train_transform
+from flowers.transforms import draws_for_image, eval_transform, short_side_resize, train_transform
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -463,9 +463,9 @@ class SeededAugmentation(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def _example(self, entry: dict, label: int, index: int) -> dict:
-        # a generator of its own: the global RNG (dropout, MixUp) is left untouched
-        generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index))
-        return {"pixel_values": _transformed_or_none(entry, functools.partial(self.transform, generator=generator)),
+        # draws of its own (transforms.draws_for_image): the global RNG (dropout, MixUp) is left untouched
+        draws = draws_for_image(self.seed, self.epoch, index)
+        return {"pixel_values": _transformed_or_none(entry, functools.partial(self.transform, draws=draws)),
                 "labels": label}
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from flowers import imagefiles
 from flowers.runtime import usable_cores
 from flowers.balance import balanced_order
-from flowers.transforms import (BatchAugmentation, DeviceNormalise, eval_pixels, eval_size, example_seed,
+from flowers.transforms import (BatchAugmentation, DeviceNormalise, draws_for_epoch, eval_pixels, eval_size,
                                 sample_augmentation, upload)
 
 # At most this share of the device's free memory holds the decoded images; the rest is left to the
@@ -250,24 +250,31 @@ class DeviceLoader(DataLoaderStateMixin):
 
 
 class TrainPixels:
-    """Augmented training pixels: each image's parameters drawn on the host from its own seeded
-    generator (example_seed(seed, epoch, index), as data.SeededAugmentation draws them), the pixel
-    work done for the whole batch on the device (transforms.BatchAugmentation)."""
+    """Augmented training pixels: the whole epoch's parameters drawn and composed on the host at
+    once, ahead of its first batch (transforms.draws_for_epoch: image i draws what
+    data.SeededAugmentation draws for it), each batch's rows of them copied with the batch and the
+    pixel work done for the whole batch on the device (transforms.BatchAugmentation)."""
 
     def __init__(self, images: DecodedImages, image_size: int, seed: int, device: torch.device,
                  channels_last: bool = True):
         self.images, self.image_size, self.seed, self.device = images, image_size, seed, device
         self.augment = BatchAugmentation(image_size, channels_last=channels_last)
+        self.heights, self.widths = np.array(images.sizes, dtype=np.int64).reshape(-1, 2).T
+        self._epoch_plan: Optional[tuple[int, torch.Tensor]] = None
+
+    def epoch_plan(self, epoch: int) -> torch.Tensor:
+        """Every image's plan for `epoch` (N, BatchAugmentation.PLAN_COLUMNS), made once an epoch:
+        vectorised, a few ms for the flower set instead of ~3 ms a batch drawn image by image."""
+        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+            params = sample_augmentation(draws_for_epoch(self.seed, epoch, len(self.images)), self.widths,
+                                         self.heights, self.image_size)
+            canvas = self.images.pixels.shape
+            self._epoch_plan = (epoch, self.augment.plan((canvas[-1], canvas[-2]), self.images.transposed, params))
+        return self._epoch_plan[1]
 
     def plan(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
         """The host's part of the batch of `rows` (see BatchAugmentation.plan)."""
-        params = []
-        for index in rows.tolist():
-            height, width = self.images.sizes[index]
-            generator = torch.Generator().manual_seed(example_seed(self.seed, epoch, index))
-            params.append(sample_augmentation(width, height, self.image_size, generator))
-        canvas = self.images.pixels.shape
-        return self.augment.plan((canvas[-1], canvas[-2]), self.images.transposed[rows], params)
+        return self.epoch_plan(epoch)[rows]
 
     def apply(self, rows: torch.Tensor, device_rows: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         """The batch's pixels on the device, from `plan` there."""

@@ -28,6 +28,7 @@ from torch import nn
 from flowers import checkpoint
 from flowers.config import TrainConfig, from_dict, to_dict
 from flowers.errors import UserError
+from flowers.transforms import AUGMENTATION_DRAWS
 
 STATE_DIR = "training_state"
 STAGING_DIR = ".training_state.tmp"
@@ -92,7 +93,13 @@ def config_only_run(run_dir: Path) -> bool:
 def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The run's own config (so the schedule, data and recipe are the same), with the runtime
     options of this command line. Says which other given options it ignores."""
-    saved = checkpoint.load_meta(run_dir / "last")["config"]
+    meta = checkpoint.load_meta(run_dir / "last")
+    saved = meta["config"]
+    draws = meta.get("data", {}).get("augmentation_draws", 1)
+    if draws != AUGMENTATION_DRAWS:
+        raise UserError(f"--resume {run_dir}: saved by a flowers whose training augmentation draws other random "
+                        f"numbers (version {draws}, now {AUGMENTATION_DRAWS}), so it cannot continue exactly; start a "
+                        f"new run from its weights with --init-from {run_dir / 'last'}")
     # the options this command line (and its --config) set, whatever their value (config.parse);
     # a config built otherwise: those that differ from the defaults
     given = getattr(cfg, "given", None)
@@ -183,7 +190,7 @@ def epoch_loader(train_loader, epoch_index: int, skip_batches: int):
 
     The shuffle order follows from Accelerate's seedable sampler (the device path: its own
     permutation) and the epoch; augmentation from the epoch and each example's index
-    (transforms.example_seed). Nothing else is needed to see exactly the batches an
+    (transforms.draws_for_image). Nothing else is needed to see exactly the batches an
     uninterrupted run would see.
     """
     if hasattr(train_loader, "for_epoch"):  # the device path's loader (device_data.DeviceLoader)

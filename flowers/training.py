@@ -35,7 +35,7 @@ from flowers.resume import (Progress, StopOnSignal, append_history, config_only_
                             load_init_weights, load_last, resolve_init, resumed_config, trim_history)
 from flowers.resume import save_last as save_last_state
 from flowers.runtime import environment, make_accelerator
-from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size
+from flowers.transforms import AUGMENTATION_DRAWS, IMAGENET_MEAN, IMAGENET_STD, eval_size
 
 
 def _create_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> Path:
@@ -357,7 +357,7 @@ class Run:
             "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
             "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": progress.epoch_lr,
             "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
-            "train_samples": train.samples, "data_wait": train.data_wait,
+            "train_samples": train.samples, "image_size": cfg.image_size, "data_wait": train.data_wait,
         }
         ema_is_best, ema_metrics, ema_out = False, None, None
         if self.ema is not None:
@@ -486,7 +486,8 @@ class Run:
                      "shuffle_seed": self.start.shuffle_seed, "val_from": splits.val_from,
                      "sampler": cfg.sampler, "class_weights": _weights_list(self.loss_fn),
                      "groups": splits.groups, "exclude": splits.exclude, "relabel": splits.relabel,
-                     "fold": list(splits.fold) if splits.fold else None},
+                     "fold": list(splits.fold) if splits.fold else None,
+                     "augmentation_draws": AUGMENTATION_DRAWS},
             "run_name": self.run_dir.name,
             "epoch": self.progress.epoch,
             "global_step": self.progress.global_step,

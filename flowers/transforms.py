@@ -1,15 +1,16 @@
 """Image pipelines: the report's augmentation for training, resize + centre crop for evaluation.
 
-Training augmentation has one parameter sampler (sample_augmentation: every random draw of an
-image, from its own seeded generator) and two executors of those parameters: augment_pil on one
-PIL image (DataLoader workers, --pipeline workers) and BatchAugmentation on a batch of uint8
-tensors on any device (--pipeline device). Both work on uint8 pixels and normalise last."""
+Training augmentation has one parameter sampler (sample_augmentation: an image's parameters from
+its row of uniform draws, draws_for_epoch / draws_for_image) and two executors of those parameters:
+augment_pil on one PIL image (DataLoader workers, --pipeline workers) and BatchAugmentation on a
+batch of uint8 tensors on any device (--pipeline device). Both work on uint8 pixels and normalise
+last."""
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -27,98 +28,115 @@ LUMA = np.array([0.299, 0.587, 0.114])  # the grey of ITU-R 601, as torchvision'
 JITTER = (0.2, 0.2, 0.2, 0.05)  # the report's colour jitter: brightness, contrast, saturation, hue
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
+# The report's augmentation (besides JITTER): torchvision's RandomResizedCrop, RandomHorizontalFlip
+# and RandomAffine with these settings.
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+ROTATION, TRANSLATE, SCALE = 15.0, 0.1, (0.9, 1.1)  # degrees; fraction of the side; zoom range
 
-def colour_matrices(order: torch.Tensor, factors: torch.Tensor, mean_rgb: torch.Tensor) -> torch.Tensor:
-    """The 3x4 colour matrices (on homogeneous RGB, 0-255 scale) of a batch of colour jitters.
 
-    `order` (B, 4): the steps' order (BRIGHTNESS, CONTRAST, SATURATION, HUE); `factors` (B, 4): each
-    step's factor by kind (the hue's as a fraction of a turn); `mean_rgb` (B, 3): each image's mean
-    colour before the jitter. Contrast blends with the mean grey of the image as it is at its turn,
-    so the steps compose in order; the others do not depend on the pixels. Batched tensor maths, so
-    that the PIL executor (one image, float64) and the device executor (a batch, float32, no host
-    sync) compute the same matrices. Hue is a rotation about the grey axis, the usual linear
-    stand-in for an HSV hue shift."""
-    dtype, device, n = mean_rgb.dtype, mean_rgb.device, len(order)
-    luma, cross = _colour_constants(dtype, device)
-    eye = torch.eye(4, dtype=dtype, device=device)
-    brightness, contrast, saturation, hue = factors.to(dtype).unbind(1)
-    steps = eye.repeat(n, 4, 1, 1)  # (B, kind, 4, 4)
-    steps[:, BRIGHTNESS, :3, :3] = brightness[:, None, None] * eye[:3, :3]
-    steps[:, CONTRAST, :3, :3] = contrast[:, None, None] * eye[:3, :3]  # its shift follows the mean, below
-    steps[:, SATURATION, :3, :3] = (saturation[:, None, None] * eye[:3, :3]
-                                    + (1 - saturation)[:, None, None] * luma.expand(3, 3))
+# ---- the random draws ----------------------------------------------------------------------------
+# Every random number of an image's training augmentation is one of its row of DRAW_COLUMNS uniform
+# draws in [0, 1). Row i of epoch e comes from one PCG64 stream seeded by (seed, e), at offset
+# i * DRAW_COLUMNS: a function of (seed, epoch, index) alone, so an epoch's images are the same for
+# any number of workers or ranks and a resumed run sees exactly what it would have seen. The device
+# pipeline draws a whole epoch at once (a few ms for the flower set); a DataLoader worker jumps to
+# its image's row. Version 1 (before AUGMENTATION_DRAWS) drew each image from a torch.Generator of its
+# own, ~67 us an image on the host: the GPU pipeline's host budget is ~30 us an image in all.
+AUGMENTATION_DRAWS = 2  # recorded in checkpoints: a run saved with other draws cannot resume exactly
+CROP_TRIES = 10  # RandomResizedCrop's tries at a box inside the image, then the central crop
+_AREA, _RATIO, _TOP, _LEFT = (slice(k * CROP_TRIES, (k + 1) * CROP_TRIES) for k in range(4))
+_FLIP, _ANGLE, _SHIFT_X, _SHIFT_Y, _SCALE = range(4 * CROP_TRIES, 4 * CROP_TRIES + 5)
+_ORDER = slice(4 * CROP_TRIES + 5, 4 * CROP_TRIES + 9)
+_FACTORS = slice(4 * CROP_TRIES + 9, 4 * CROP_TRIES + 13)
+DRAW_COLUMNS = 4 * CROP_TRIES + 13
+
+
+def _stream(seed: int, epoch: int) -> np.random.PCG64:
+    return np.random.PCG64(np.random.SeedSequence((seed, epoch)))
+
+
+def _unit(raw: np.ndarray) -> np.ndarray:
+    """uint64 words -> float64 in [0, 1) from their top 53 bits (the bit generator's raw stream is
+    stable across numpy versions; its Generator methods need not be)."""
+    return (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def draws_for_epoch(seed: int, epoch: int, count: int) -> np.ndarray:
+    """(count, DRAW_COLUMNS) uniform draws: row i is image i's in `epoch`."""
+    return _unit(_stream(seed, epoch).random_raw(count * DRAW_COLUMNS)).reshape(count, DRAW_COLUMNS)
+
+
+def draws_for_image(seed: int, epoch: int, index: int) -> np.ndarray:
+    """(1, DRAW_COLUMNS): image `index`'s row of draws_for_epoch, without drawing the rows before it."""
+    stream = _stream(seed, epoch)
+    stream.advance(index * DRAW_COLUMNS)
+    return _unit(stream.random_raw(DRAW_COLUMNS))[None]
+
+
+def _between(u: np.ndarray, low: float, high: float) -> np.ndarray:
+    return low + (high - low) * u
+
+
+def jitter_from_draws(u_order: np.ndarray, u_factors: np.ndarray,
+                      spread: tuple[float, float, float, float] = JITTER) -> tuple[np.ndarray, np.ndarray]:
+    """Colour jitters from uniform draws (n, 4) and (n, 4): a random order of the four steps (the
+    ranks of the first draws) and each step's factor by kind: brightness, contrast and saturation in
+    [1 - s, 1 + s], the hue in [-s, s] of a turn."""
+    spread_ = np.asarray(spread, dtype=np.float64)
+    low = np.where(np.arange(4) == HUE, -spread_, 1 - spread_)
+    return np.argsort(u_order, axis=1, kind="stable"), low + 2 * spread_ * u_factors
+
+
+# ---- colour jitter as one affine map ---------------------------------------------------------------
+
+def colour_maps(order: np.ndarray, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of colour jitters as affine maps of RGB (0-255 scale): pixel -> L @ pixel + K @ mean,
+    where `mean` is the image's mean colour before the jitter. Returns L and K, (n, 3, 3) each.
+
+    `order` (n, 4): the steps' order (BRIGHTNESS, CONTRAST, SATURATION, HUE); `factors` (n, 4): each
+    step's factor by kind (the hue's as a fraction of a turn). Every step is linear except contrast,
+    which blends with the mean grey of the image as it is at its turn: a linear function of the
+    starting mean, so the whole jitter composes here, on the host, in float64, and the device only
+    multiplies by its images' means (see BatchAugmentation.apply). Hue is a rotation about the grey
+    axis, the usual linear stand-in for an HSV hue shift. One image or many: jitter_pil uses it too."""
+    n = len(order)
+    eye = np.eye(3)
+    brightness, contrast, saturation, hue = np.asarray(factors, dtype=np.float64).T
+    steps = np.empty((n, 4, 3, 3))
+    steps[:, BRIGHTNESS] = brightness[:, None, None] * eye
+    steps[:, CONTRAST] = contrast[:, None, None] * eye
+    steps[:, SATURATION] = saturation[:, None, None] * eye + (1 - saturation)[:, None, None] * LUMA
     angle = 2 * math.pi * hue
-    axis = torch.full((3,), 1 / math.sqrt(3), dtype=dtype, device=device)
-    steps[:, HUE, :3, :3] = (angle.cos()[:, None, None] * eye[:3, :3] + angle.sin()[:, None, None] * cross
-                             + (1 - angle.cos())[:, None, None] * torch.outer(axis, axis))
-    matrix = eye.repeat(n, 1, 1)
-    mean = torch.cat([mean_rgb, torch.ones(n, 1, dtype=dtype, device=device)], dim=1)[:, :, None]
-    rows = torch.arange(n, device=device)
+    axis = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)
+    steps[:, HUE] = (np.cos(angle)[:, None, None] * eye + np.sin(angle)[:, None, None] * cross
+                     + (1 - np.cos(angle))[:, None, None] * np.outer(axis, axis))
+    linear, of_mean = np.broadcast_to(eye, (n, 3, 3)), np.zeros((n, 3, 3))
+    rows = np.arange(n)
     for position in range(4):
-        kind = order[:, position].to(device)
+        kind = order[:, position]
         step = steps[rows, kind]
-        grey = (matrix @ mean)[:, :3, 0] @ luma  # the mean grey of the image as it is now
-        shift = torch.where(kind == CONTRAST, (1 - contrast) * grey, torch.zeros_like(grey))
-        step[:, :3, 3] = shift[:, None]
-        matrix = step @ matrix
-    return matrix[:, :3]
+        # contrast adds (1 - c) x the mean grey now, luma @ (linear + of_mean) @ mean, to every channel
+        blend = np.where(kind == CONTRAST, 1 - contrast, 0.0)[:, None, None]
+        grey_now = LUMA @ (linear + of_mean)  # (n, 3): the grey as a function of the starting mean
+        linear, of_mean = step @ linear, step @ of_mean + blend * grey_now[:, None, :]
+    return linear, of_mean
 
 
-@functools.lru_cache(maxsize=None)
-def _colour_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grey weights and the hue rotation's cross-product matrix, made on the host and copied to
-    `device` once (torch.tensor(..., device=cuda) would make the host wait for the device)."""
-    luma = torch.tensor(LUMA, dtype=dtype)
-    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=dtype) / math.sqrt(3)
-    return upload(luma, device), upload(cross, device)
-
-
-def draw_jitter(spread: tuple[float, float, float, float] = JITTER,
-                generator: Optional[torch.Generator] = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """A random order of the four steps and each step's factor (drawn in that order): brightness,
-    contrast and saturation in [1 - s, 1 + s], the hue in [-s, s] of a turn."""
-    order = tuple(torch.randperm(4, generator=generator).tolist())
-    factors = [1.0, 1.0, 1.0, 0.0]
-    for kind in order:
-        low, high = (-spread[kind], spread[kind]) if kind == HUE else (1 - spread[kind], 1 + spread[kind])
-        factors[kind] = _uniform(low, high, generator)
-    return order, tuple(factors)
-
-
-def _jitter_step(kind: int, factor: float, mean_rgb: np.ndarray) -> np.ndarray:
-    """One jitter step as a 4x4 matrix on homogeneous RGB; `mean_rgb` is the image's mean now."""
-    step = np.eye(4)
-    if kind == BRIGHTNESS:
-        step[:3, :3] *= factor
-    elif kind == CONTRAST:  # blend with the mean grey of the image
-        step[:3, :3] *= factor
-        step[:3, 3] = (1 - factor) * float(LUMA @ mean_rgb)
-    elif kind == SATURATION:  # blend with the pixel's own grey
-        step[:3, :3] = factor * np.eye(3) + (1 - factor) * np.outer(np.ones(3), LUMA)
-    else:
-        angle, axis = 2 * math.pi * factor, np.ones(3) / math.sqrt(3)
-        cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-        step[:3, :3] = (math.cos(angle) * np.eye(3) + math.sin(angle) * cross
-                        + (1 - math.cos(angle)) * np.outer(axis, axis))
-    return step
-
-
-def jitter_pil(img: Image.Image, order: tuple[int, ...], factors: tuple[float, ...]) -> Image.Image:
-    """Apply one colour jitter as a single 3x4 matrix in one C pass of PIL over the uint8 pixels
-    (far cheaper than the four steps of v2.ColorJitter, whose HSV hue shift alone costs more than
-    all other augmentations together); values are clipped once, at the end. The matrix is
-    colour_matrices' for one image, composed in numpy: for a single image the batched torch
-    version costs more than the rest of the augmentation (tests check that both agree)."""
+def jitter_pil(img: Image.Image, order: np.ndarray, factors: np.ndarray) -> Image.Image:
+    """Apply one colour jitter (`order`, `factors`: (4,) each) as a single 3x4 matrix in one C pass
+    of PIL over the uint8 pixels (far cheaper than the four steps of v2.ColorJitter, whose HSV hue
+    shift alone costs more than all other augmentations together); values are clipped once, at the
+    end."""
     mean_rgb = np.array(ImageStat.Stat(img.reduce(4) if min(img.size) >= 16 else img).mean[:3])
-    matrix = np.eye(4)
-    for kind in order:
-        matrix = _jitter_step(kind, factors[kind], (matrix @ np.append(mean_rgb, 1.0))[:3]) @ matrix
-    return img.convert("RGB", tuple(matrix[:3].ravel().tolist()))
+    linear, of_mean = colour_maps(np.asarray(order)[None], np.asarray(factors)[None])
+    matrix = np.concatenate([linear[0], (of_mean[0] @ mean_rgb)[:, None]], axis=1)
+    return img.convert("RGB", tuple(matrix.ravel().tolist()))
 
 
 class ColorJitterMatrix:
     """Random brightness, contrast, saturation and hue, in random order, like v2.ColorJitter, as
-    one colour matrix (see colour_matrices and jitter_pil)."""
+    one colour matrix (see colour_maps and jitter_pil); draws from numpy's global generator."""
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float):
         self.spread = (brightness, contrast, saturation, hue)
@@ -126,8 +144,9 @@ class ColorJitterMatrix:
     def __repr__(self) -> str:
         return "{}(brightness={}, contrast={}, saturation={}, hue={})".format(type(self).__name__, *self.spread)
 
-    def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None) -> Image.Image:
-        return jitter_pil(img, *draw_jitter(self.spread, generator))
+    def __call__(self, img: Image.Image) -> Image.Image:
+        order, factors = jitter_from_draws(np.random.random((1, 4)), np.random.random((1, 4)), self.spread)
+        return jitter_pil(img, order[0], factors[0])
 
 
 class ToNormalisedTensor:
@@ -156,17 +175,6 @@ class ToNormalisedTensor:
         return flat.view(pixels.shape).permute(2, 0, 1)
 
 
-# The report's augmentation (besides JITTER): torchvision's RandomResizedCrop, RandomHorizontalFlip
-# and RandomAffine with these settings.
-CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-ROTATION, TRANSLATE, SCALE = 15.0, 0.1, (0.9, 1.1)  # degrees; fraction of the side; zoom range
-
-
-def example_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training example's augmentation. Reduced modulo 2**64 (the generator's seed
-    range; larger seeds, from --seed 1844666 on, made manual_seed raise): seeds below that keep
-    their value, so every run that worked before draws the same images and resumes bit-identically."""
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64
 
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -181,67 +189,85 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _uniform(low: float, high: float, generator: Optional[torch.Generator]) -> float:
-    return torch.empty(1).uniform_(low, high, generator=generator).item()
-
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """One training image's random draw, which both executors apply: crop (top, left, height, width)
-    in the source image, resized to the output size; a horizontal flip; then an affine warp about
-    the centre (degrees, pixels, zoom); then the colour jitter (see colour_matrices)."""
-    crop: tuple[int, int, int, int]
-    flip: bool
-    angle: float
-    translate: tuple[int, int]
-    scale: float
-    colour_order: tuple[int, ...]
-    colour_factors: tuple[float, ...]
+    """Training images' random draws, one row per image, which both executors apply: the crop
+    (top, left, height, width) in the source image, resized to the output size; a horizontal flip;
+    then an affine warp about the centre (degrees, pixels, zoom); then the colour jitter (the steps'
+    order and their factors, see colour_maps)."""
+    crop: np.ndarray  # (n, 4) int
+    flip: np.ndarray  # (n,) bool
+    angle: np.ndarray  # (n,)
+    translate: np.ndarray  # (n, 2) int
+    scale: np.ndarray  # (n,)
+    colour_order: np.ndarray  # (n, 4) int
+    colour_factors: np.ndarray  # (n, 4)
+
+    def __len__(self) -> int:
+        return len(self.flip)
+
+    def __getitem__(self, rows) -> "AugmentParams":
+        """The rows `rows` (an int keeps its row as a batch of one)."""
+        rows = [rows] if isinstance(rows, (int, np.integer)) else rows
+        return AugmentParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def replace(self, **changes) -> "AugmentParams":
+        return replace(self, **{name: np.broadcast_to(value, getattr(self, name).shape).copy()
+                                for name, value in changes.items()})
 
 
-def _random_resized_crop(width: int, height: int, generator: Optional[torch.Generator]) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box, drawn exactly as it draws it (so seeds draw what they drew)."""
-    area, log_ratio = height * width, torch.log(torch.tensor(CROP_RATIO))
-    for _ in range(10):
-        target_area = area * _uniform(*CROP_SCALE, generator)
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
-        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
-            return top, left, h, w
-    ratio = width / height  # no box fits: the central crop nearest in aspect ratio
-    w = width if ratio <= max(CROP_RATIO) else int(round(height * max(CROP_RATIO)))
-    h = height if ratio >= min(CROP_RATIO) else int(round(width / min(CROP_RATIO)))
-    return (height - h) // 2, (width - w) // 2, h, w
+def _random_resized_crops(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
+    """RandomResizedCrop's boxes (n, 4: top, left, height, width), drawn from its distributions: up to
+    CROP_TRIES boxes of a random area and aspect ratio, the first that fits, at a random place in
+    the image; the central crop nearest in aspect ratio when none fits."""
+    widths, heights = np.asarray(widths, dtype=np.int64)[:, None], np.asarray(heights, dtype=np.int64)[:, None]
+    area = heights * widths * _between(draws[:, _AREA], *CROP_SCALE)
+    aspect = np.exp(_between(draws[:, _RATIO], *np.log(CROP_RATIO)))
+    w = np.round(np.sqrt(area * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+    first, rows = fits.argmax(axis=1), np.arange(len(draws))
+    w, h = w[rows, first], h[rows, first]
+    widths, heights = widths[:, 0], heights[:, 0]
+    top = np.floor(draws[rows, _TOP.start + first] * (heights - h + 1)).astype(np.int64)
+    left = np.floor(draws[rows, _LEFT.start + first] * (widths - w + 1)).astype(np.int64)
+    # no box fits: the central crop nearest in aspect ratio
+    ratio = widths / heights
+    central_w = np.where(ratio <= max(CROP_RATIO), widths, np.round(heights * max(CROP_RATIO)).astype(np.int64))
+    central_h = np.where(ratio >= min(CROP_RATIO), heights, np.round(widths / min(CROP_RATIO)).astype(np.int64))
+    none_fits = ~fits.any(axis=1)
+    w, h = np.where(none_fits, central_w, w), np.where(none_fits, central_h, h)
+    top = np.where(none_fits, (heights - h) // 2, top)
+    left = np.where(none_fits, (widths - w) // 2, left)
+    return np.stack([top, left, h, w], axis=1)
 
 
-def sample_augmentation(width: int, height: int, size: int,
-                        generator: Optional[torch.Generator] = None) -> AugmentParams:
-    """The one parameter sampler of the training augmentation, for an image of width x height
-    pixels and an output of size x size. Draws in the order and from the distributions of
-    torchvision's RandomResizedCrop, RandomHorizontalFlip and RandomAffine, then the colour jitter.
-    Every draw comes from `generator` (the default generator when None): seeded per image, it makes
-    the augmentation a function of (seed, epoch, image) on any device, so exact resume holds."""
-    crop = _random_resized_crop(width, height, generator)
-    flip = torch.rand(1, generator=generator).item() < 0.5
-    angle = _uniform(-ROTATION, ROTATION, generator)
+def sample_augmentation(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray, size: int) -> AugmentParams:
+    """The one parameter sampler of the training augmentation: images of widths x heights pixels,
+    an output of size x size, each image's parameters from its row of uniform `draws` (n,
+    DRAW_COLUMNS), with the distributions of torchvision's RandomResizedCrop, RandomHorizontalFlip
+    and RandomAffine, then the colour jitter. Vectorised over the rows."""
     shift = float(TRANSLATE * size)
-    translate = (int(round(_uniform(-shift, shift, generator))), int(round(_uniform(-shift, shift, generator))))
-    scale = _uniform(*SCALE, generator)
-    order, factors = draw_jitter(JITTER, generator)
-    return AugmentParams(crop, flip, angle, translate, scale, order, factors)
+    order, factors = jitter_from_draws(draws[:, _ORDER], draws[:, _FACTORS])
+    return AugmentParams(
+        crop=_random_resized_crops(draws, widths, heights),
+        flip=draws[:, _FLIP] < 0.5,
+        angle=_between(draws[:, _ANGLE], -ROTATION, ROTATION),
+        translate=np.round(_between(draws[:, [_SHIFT_X, _SHIFT_Y]], -shift, shift)).astype(np.int64),
+        scale=_between(draws[:, _SCALE], *SCALE),
+        colour_order=order, colour_factors=factors)
 
 
 def augment_pil(img: Image.Image, params: AugmentParams, size: int) -> Image.Image:
     """The PIL executor (DataLoader workers): torchvision's own operations on the uint8 image,
-    which in C on a small CPU are faster than the same steps on tensors."""
-    img = TF.resized_crop(img, *params.crop, size=[size, size], antialias=True)
-    if params.flip:
+    which in C on a small CPU are faster than the same steps on tensors. `params`: one image's."""
+    img = TF.resized_crop(img, *params.crop[0].tolist(), size=[size, size], antialias=True)
+    if params.flip[0]:
         img = TF.horizontal_flip(img)
-    img = TF.affine(img, angle=params.angle, translate=list(params.translate), scale=params.scale, shear=[0.0, 0.0],
-                    interpolation=InterpolationMode.NEAREST, fill=0)
-    return jitter_pil(img, params.colour_order, params.colour_factors)
+    img = TF.affine(img, angle=float(params.angle[0]), translate=params.translate[0].tolist(),
+                    scale=float(params.scale[0]), shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST, fill=0)
+    return jitter_pil(img, params.colour_order[0], params.colour_factors[0])
 
 
 class ReportAugmentation:
@@ -254,8 +280,10 @@ class ReportAugmentation:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, {self.to_tensor})"
 
-    def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        params = sample_augmentation(img.width, img.height, self.image_size, generator)
+    def __call__(self, img: Image.Image, draws: Optional[np.ndarray] = None) -> torch.Tensor:
+        """`draws`: the image's row (1, DRAW_COLUMNS) (draws_for_image); numpy's global generator's when None."""
+        draws = np.random.random((1, DRAW_COLUMNS)) if draws is None else draws
+        params = sample_augmentation(draws, [img.width], [img.height], self.image_size)
         return self.to_tensor(augment_pil(img, params, self.image_size))
 
 
@@ -263,41 +291,47 @@ def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Re
     return ReportAugmentation(image_size, mean, std)
 
 
-def _warp_matrices(params: list[AugmentParams], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _warp_matrices(params: AugmentParams, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image, two 3x3 maps on homogeneous coordinates: output pixel -> crop pixel (the inverse
     of the affine warp about the centre, as torchvision's affine computes it) and crop pixel ->
     source pixel (undo the flip, then scale and shift into the crop box). Pixel coordinates are
     continuous, pixel k covering [k, k + 1), as PIL and grid_sample(align_corners=False) use them."""
-    # whole-batch tensor maths: a Python loop over the images cost the host ~50 us an image
-    f64 = torch.float64
     n, centre = len(params), size / 2
-    angle = torch.tensor([p.angle for p in params], dtype=f64).deg2rad()
-    scale = torch.tensor([p.scale for p in params], dtype=f64)
-    shift = torch.tensor([p.translate for p in params], dtype=f64) + centre
-    top, left, height, width = torch.tensor([p.crop for p in params], dtype=f64).unbind(1)
-    flip = torch.tensor([p.flip for p in params])
-    cos, sin = angle.cos() / scale, angle.sin() / scale
-    inverse_affine, to_source = torch.eye(3, dtype=f64).repeat(2, n, 1, 1)
-    inverse_affine[:, :2, :2] = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+    angle, scale = np.deg2rad(params.angle), params.scale
+    shift = params.translate + centre
+    top, left, height, width = params.crop.astype(np.float64).T
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    inverse_affine, to_source = np.tile(np.eye(3), (2, n, 1, 1))
+    inverse_affine[:, :2, :2] = np.stack([np.stack([cos, sin], 1), np.stack([-sin, cos], 1)], 1)
     inverse_affine[:, :2, 2] = centre - (inverse_affine[:, :2, :2] @ shift[:, :, None])[:, :, 0]
-    to_source[:, 0, 0] = torch.where(flip, -width, width) / size
-    to_source[:, 0, 2] = left + torch.where(flip, width, torch.zeros_like(width))
+    to_source[:, 0, 0] = np.where(params.flip, -width, width) / size
+    to_source[:, 0, 2] = left + np.where(params.flip, width, 0.0)
     to_source[:, 1, 1] = height / size
     to_source[:, 1, 2] = top
     return inverse_affine, to_source
 
 
-def _normalised_coords(size_x: float, size_y: float) -> torch.Tensor:
+def _normalised_coords(size_x: float, size_y: float) -> np.ndarray:
     """The 3x3 map from pixel coordinates of a size_x x size_y image to grid_sample's [-1, 1]."""
-    return torch.tensor([[2 / size_x, 0, -1], [0, 2 / size_y, -1], [0, 0, 1]], dtype=torch.float64)
+    return np.array([[2 / size_x, 0, -1], [0, 2 / size_y, -1], [0, 0, 1]])
+
+
+@functools.lru_cache(maxsize=None)
+def _output_grid(size: int, device: torch.device) -> torch.Tensor:
+    """(size * size, 3): each output pixel's centre in grid_sample's [-1, 1] coordinates (x, y, 1),
+    row by row, as F.affine_grid(align_corners=False) makes them; on `device`, made once."""
+    centres = (2 * torch.arange(size, dtype=torch.float32) + 1) / size - 1
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return upload(torch.stack([x, y, torch.ones_like(x)], dim=-1).reshape(size * size, 3), device)
 
 
 class BatchAugmentation:
     """The device executor: the same augmentation (parameters from sample_augmentation) applied to
     a batch of uint8 images on any device. The crop, flip, rotation and affine compose into one
-    2x3 matrix per image and are resampled once (F.affine_grid + F.grid_sample, bilinear); the
-    colour jitter is one 3x4 matrix per image (a batched matmul); then normalisation. No host sync:
-    the matrices are built on the host and copied ahead of the kernels that use them.
+    2x3 matrix per image and are resampled once (grid_sample, bilinear); the colour jitter is one
+    affine map per image (a batched matmul); then normalisation. No host sync: everything that
+    does not depend on the pixels is composed on the host (plan) and copied ahead of the kernels
+    that use it (apply), about 15 device ops a batch.
 
     The images come in a fixed canvas (N, 3, H, W): image i fills the top-left of its canvas,
     transposed when `transposed[i]` (portrait photos are stored lying down, so one
@@ -308,39 +342,41 @@ class BatchAugmentation:
     def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = True):
         self.image_size, self.normalise = image_size, DeviceNormalise(mean, std, channels_last)
 
-    PLAN_COLUMNS = 20  # per image: two 2x3 sampling matrices, the colour steps' order and factors
+    # per image: the sampling maps of the crop and of the canvas (2x3 each, transposed: 3x4), the
+    # colour map's L and K (3x3 each)
+    PLAN_COLUMNS = 30
 
-    def plan(self, canvas_size: tuple[int, int], transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
+    def plan(self, canvas_size: tuple[int, int], transposed: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """The host's part of a batch, as float32 rows (N, PLAN_COLUMNS) to be copied to the device
-        in one piece: the grid of the crop and of the canvas (canvas_size: width, height) as 2x3
-        matrices, the colour jitter's order and factors (all exact in float32)."""
+        in one piece: each output pixel's position in the crop (to tell the crop from the black fill
+        around it) and in the canvas (canvas_size: width, height), and the colour map."""
         n, size = len(params), self.image_size
         inverse_affine, to_source = _warp_matrices(params, size)
-        out_to_crop = inverse_affine @ torch.linalg.inv(_normalised_coords(size, size))
-        swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
-        lying = transposed.cpu()[:, None, None]
-        source_to_canvas = torch.where(lying, swap, torch.eye(3, dtype=torch.float64))
+        out_to_crop = inverse_affine @ np.linalg.inv(_normalised_coords(size, size))
+        swap = np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]])
+        lying = np.asarray(transposed.cpu())[:, None, None]
+        source_to_canvas = np.where(lying, swap, np.eye(3))
         to_canvas = _normalised_coords(*canvas_size) @ source_to_canvas @ to_source @ out_to_crop
-        crop_grid_theta = (_normalised_coords(size, size) @ out_to_crop)[:, :2]
-        thetas = torch.stack([crop_grid_theta, to_canvas[:, :2]], dim=1).float().reshape(n, 12)
-        colour = torch.tensor([(*p.colour_order, *p.colour_factors) for p in params], dtype=torch.float32)
-        return torch.cat([thetas, colour.reshape(n, 8)], dim=1)
+        crop_grid = (_normalised_coords(size, size) @ out_to_crop)[:, :2]
+        # (n, 3, 4): output (x, y, 1) -> crop (x, y), canvas (x, y), for one matmul on the device
+        sampling = np.concatenate([crop_grid, to_canvas[:, :2]], axis=1).transpose(0, 2, 1)
+        linear, of_mean = colour_maps(params.colour_order, params.colour_factors)
+        return torch.from_numpy(np.concatenate([sampling.reshape(n, 12), linear.reshape(n, 9), of_mean.reshape(n, 9)],
+                                               axis=1)).float()
 
     def apply(self, canvas: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         """The device's part: `canvas` (N, 3, H, W) augmented as `plan` (on its device) says."""
         n, size = len(plan), self.image_size
-        thetas = plan[:, :12].reshape(n, 2, 2, 3)
-        shape = [n, 3, size, size]
+        coords = _output_grid(size, plan.device) @ plan[:, :12].view(n, 3, 4)  # (n, size * size, 4)
         # outside the crop the PIL executor's warp fills black: so does this one, not the photo around the crop
-        in_crop = F.affine_grid(thetas[:, 0], shape, align_corners=False).abs().amax(dim=-1) <= 1
-        grid = F.affine_grid(thetas[:, 1], shape, align_corners=False)
-        pixels = F.grid_sample(canvas.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        pixels = pixels * in_crop[:, None]
-        colour = colour_matrices(plan[:, 12:16].long(), plan[:, 16:20], pixels.mean(dim=(2, 3)))
-        pixels = torch.baddbmm(colour[:, :, 3:], colour[:, :, :3], pixels.flatten(2)).clamp_(0, 255)
-        return self.normalise(pixels.view(shape))
+        in_crop = coords[..., :2].abs().amax(dim=-1) <= 1
+        pixels = F.grid_sample(canvas.float(), coords[..., 2:].view(n, size, size, 2), mode="bilinear",
+                               padding_mode="zeros", align_corners=False).flatten(2) * in_crop[:, None]
+        shift = torch.bmm(plan[:, 21:].view(n, 3, 3), pixels.mean(dim=2, keepdim=True))
+        pixels = torch.baddbmm(shift, plan[:, 12:21].view(n, 3, 3), pixels).clamp_(0, 255)
+        return self.normalise(pixels.view(n, 3, size, size))
 
-    def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: list[AugmentParams]) -> torch.Tensor:
+    def __call__(self, canvas: torch.Tensor, transposed: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         plan = self.plan((canvas.shape[-1], canvas.shape[-2]), transposed, params)
         return self.apply(canvas, upload(plan, canvas.device))
 

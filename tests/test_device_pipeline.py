@@ -60,21 +60,27 @@ def test_each_image_of_a_batch_gets_its_own_draw_and_the_draws_follow_seed_and_e
     assert torch.equal(pixels(rows[[3]], rows[[3]], epoch=0), batch[[3]])
 
 
-def _interior(params: list[T.AugmentParams], size: int, inside: bool = True) -> torch.Tensor:
+def _interior(params: T.AugmentParams, size: int, inside: bool = True) -> torch.Tensor:
     """Pixels at least 2 pixels away from the edge of the black fill the affine warp leaves outside
     the crop: on the crop's side (inside) or on the fill's."""
     inverse, _ = T._warp_matrices(params, size)
-    theta = (T._normalised_coords(size, size) @ inverse @ torch.linalg.inv(T._normalised_coords(size, size)))[:, :2]
+    normalised = T._normalised_coords(size, size)
+    theta = torch.from_numpy((normalised @ inverse @ np.linalg.inv(normalised))[:, :2])
     in_crop = F.affine_grid(theta.float(), [len(params), 1, size, size], align_corners=False).abs().amax(-1) <= 1
     side = (in_crop if inside else ~in_crop)[:, None].float()
     return -F.max_pool2d(-side, 5, stride=1, padding=2)[:, 0] > 0.5
 
 
-def _difference(photos: list, images: dd.DecodedImages, params: list[T.AugmentParams]) -> torch.Tensor:
+def _difference(photos: list, images: dd.DecodedImages, params: T.AugmentParams) -> torch.Tensor:
     """|device executor - PIL executor| on the 0-255 scale, (N, 3, SIZE, SIZE)."""
     device = T.BatchAugmentation(SIZE)(images.pixels, images.transposed, params)
-    pil = torch.stack([T.ToNormalisedTensor()(T.augment_pil(p, q, SIZE)) for p, q in zip(photos, params)])
+    pil = torch.stack([T.ToNormalisedTensor()(T.augment_pil(p, params[i], SIZE)) for i, p in enumerate(photos)])
     return ((device - pil) * STD_255).abs()
+
+
+def _params(photos: list, seed: int = 1) -> T.AugmentParams:
+    widths, heights = [p.width for p in photos], [p.height for p in photos]
+    return T.sample_augmentation(T.draws_for_epoch(seed, 0, len(photos)), widths, heights, SIZE)
 
 
 def test_device_executor_matches_the_pil_executor_for_the_same_draws(tmp_path):
@@ -89,9 +95,8 @@ def test_device_executor_matches_the_pil_executor_for_the_same_draws(tmp_path):
     photos = [_photo(*SHAPES[i % 4], seed=i) for i in range(16)]
     images = dd.decode_training_images(_dataset(photos, tmp_path), SIZE)
     assert images.transposed.tolist() == [False, True, False, False] * 4
-    generator = torch.Generator().manual_seed(1)
-    params = [T.sample_augmentation(p.width, p.height, SIZE, generator) for p in photos]
-    assert {p.flip for p in params} == {True, False}
+    params = _params(photos)
+    assert set(params.flip.tolist()) == {True, False}
     difference = _difference(photos, images, params)
     crop, fill = _interior(params, SIZE), _interior(params, SIZE, inside=False)
     assert fill.any()
@@ -100,46 +105,80 @@ def test_device_executor_matches_the_pil_executor_for_the_same_draws(tmp_path):
         assert inside.numel() > 0.3 * 3 * SIZE * SIZE
         assert inside.mean() < 5 and inside.median() < 4, (i, SHAPES[i % 4], params[i], inside.mean(), inside.median())
         assert not fill[i].any() or difference[i][:, fill[i]].mean() < 1, (i, params[i])
-    no_warp = [T.AugmentParams(**{**q.__dict__, "angle": 0.0, "translate": (0, 0), "scale": 1.0}) for q in params]
+    no_warp = params.replace(angle=0.0, translate=0, scale=1.0)
     difference = _difference(photos, images, no_warp)
     crop = _interior(no_warp, SIZE)
     for i in range(len(photos)):
         assert difference[i][:, crop[i]].mean() < 1, (i, SHAPES[i % 4], no_warp[i])
     # the same comparison notices a mistake: the flip left out of one executor
-    unflipped = [T.AugmentParams(**{**q.__dict__, "flip": not q.flip}) for q in no_warp]
+    unflipped = no_warp.replace(flip=~no_warp.flip)
     device = T.BatchAugmentation(SIZE)(images.pixels, images.transposed, unflipped)
-    pil = torch.stack([T.ToNormalisedTensor()(T.augment_pil(p, q, SIZE)) for p, q in zip(photos, no_warp)])
+    pil = torch.stack([T.ToNormalisedTensor()(T.augment_pil(p, no_warp[i], SIZE)) for i, p in enumerate(photos)])
     assert all(((device[i] - pil[i]) * STD_255).abs().mean() > 8 for i in range(len(photos)))
 
 
-def test_the_colour_matrix_is_the_same_maths_for_one_image_and_a_batch():
-    generator = torch.Generator().manual_seed(0)
-    draws = [T.draw_jitter(generator=generator) for _ in range(40)]
-    means = np.random.default_rng(0).uniform(0, 255, (40, 3))
-    singles = []
-    for (order, factors), mean in zip(draws, means):
-        matrix = np.eye(4)
-        for kind in order:
-            matrix = T._jitter_step(kind, factors[kind], (matrix @ np.append(mean, 1.0))[:3]) @ matrix
-        singles.append(matrix[:3])
-    batched = T.colour_matrices(torch.tensor([o for o, _ in draws]), torch.tensor([f for _, f in draws]),
-                                torch.tensor(means, dtype=torch.float32))
-    assert torch.allclose(batched.double(), torch.tensor(np.array(singles)), atol=1e-4)
-    assert not torch.allclose(batched[0], batched[1])
+def _jitter_step_by_step(pixels: np.ndarray, order, factors) -> np.ndarray:
+    """The colour jitter done as torchvision describes it, one step at a time on (P, 3) float pixels:
+    contrast blends with the mean grey of the image as it is at its turn."""
+    for kind in order:
+        f = factors[kind]
+        if kind == T.BRIGHTNESS:
+            pixels = f * pixels
+        elif kind == T.CONTRAST:
+            pixels = f * pixels + (1 - f) * (pixels @ T.LUMA).mean()
+        elif kind == T.SATURATION:
+            pixels = f * pixels + (1 - f) * (pixels @ T.LUMA)[:, None]
+        else:  # a rotation by f of a turn about the grey axis (Rodrigues' formula)
+            axis, angle = np.ones(3) / np.sqrt(3), 2 * np.pi * f
+            pixels = (np.cos(angle) * pixels + np.sin(angle) * np.cross(axis, pixels)
+                      + (1 - np.cos(angle)) * (pixels @ axis)[:, None] * axis)
+    return pixels
 
 
-def test_the_sampler_draws_what_torchvisions_transforms_drew():
-    """The geometric draws are torchvision's, draw for draw: seeds give the crops they always gave."""
-    photo = _photo(*SHAPES[0], seed=3)
-    torchvision_steps = v2.Compose([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip(),
-                                    v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))])
-    for seed in range(20):
-        torch.manual_seed(seed)
-        expected = np.asarray(torchvision_steps(photo))
-        params = T.sample_augmentation(photo.width, photo.height, SIZE, torch.Generator().manual_seed(seed))
-        ours = T.augment_pil(photo, T.AugmentParams(**{**params.__dict__, "colour_factors": (1.0, 1.0, 1.0, 0.0)}),
-                             SIZE)
-        assert np.array_equal(np.asarray(ours), expected), seed
+def test_the_colour_map_composed_on_the_host_is_the_jitter_done_step_by_step():
+    """colour_maps (L @ pixel + K @ the image's starting mean) against the four steps applied in
+    turn to real pixel values, for 40 draws of order and factors."""
+    order, factors = T.jitter_from_draws(*np.random.default_rng(0).random((2, 40, 4)))
+    assert len({tuple(o) for o in order.tolist()}) > 10  # the order varies
+    linear, of_mean = T.colour_maps(order, factors)
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        pixels = rng.uniform(0, 255, (50, 3))
+        expected = _jitter_step_by_step(pixels, order[i], factors[i])
+        assert np.allclose(pixels @ linear[i].T + of_mean[i] @ pixels.mean(0), expected, atol=1e-9), i
+    assert not np.allclose(linear[0], linear[1])
+
+
+def test_the_sampler_draws_from_torchvisions_distributions():
+    """The crop box (area share, aspect ratio, place), flip, rotation, shift and zoom of 4,000 draws
+    follow the distributions of torchvision's RandomResizedCrop, RandomHorizontalFlip and
+    RandomAffine (two-sample Kolmogorov-Smirnov distance under 0.05; a wrong range or a swapped
+    draw gives several times that)."""
+    width, height, n = 300, 200, 4000
+    ours = T.sample_augmentation(T.draws_for_epoch(0, 0, n), [width] * n, [height] * n, SIZE)
+    torch.manual_seed(0)
+    boxes = np.array([v2.RandomResizedCrop.get_params(torch.empty(1, height, width), list(T.CROP_SCALE),
+                                                      list(T.CROP_RATIO)) for _ in range(n)])
+    affine = [v2.RandomAffine(degrees=T.ROTATION, translate=(T.TRANSLATE, T.TRANSLATE), scale=T.SCALE)
+              .make_params([torch.empty(1, SIZE, SIZE)]) for _ in range(n)]
+
+    def features(crop):
+        top, left, h, w = crop.T.astype(float)
+        return {"area": h * w / (width * height), "aspect": w / h, "top": top / height, "left": left / width}
+
+    def ks(a, b):
+        grid = np.sort(np.concatenate([a, b]))
+        return np.abs(np.searchsorted(np.sort(a), grid, "right") / len(a)
+                      - np.searchsorted(np.sort(b), grid, "right") / len(b)).max()
+
+    theirs = features(boxes)
+    for name, values in features(ours.crop).items():
+        assert ks(values, theirs[name]) < 0.05, name
+    assert ks(ours.angle, np.array([a["angle"] for a in affine])) < 0.05
+    assert ks(ours.scale, np.array([a["scale"] for a in affine])) < 0.05
+    assert ks(ours.translate[:, 0].astype(float), np.array([a["translate"][0] for a in affine], dtype=float)) < 0.05
+    assert abs(ours.flip.mean() - 0.5) < 0.03
+    assert ks(features(ours.crop)["area"], np.random.default_rng(0).uniform(0.5, 1, n)) > 0.2  # the check can fail
 
 
 def test_evaluation_pixels_are_identical_on_both_pipelines(flower_dir):

@@ -49,7 +49,8 @@ def test_training_writes_best_and_last_with_self_contained_metadata(single_run):
     assert meta["data"] == {"source": str(data), "split_seed": 42, "val_split": 0.2, "train_size": 32, "val_size": 8,
                             "val_from": None,  # split here, not a validation split of its own
                             "sampler": "random", "class_weights": None,  # the defaults: shuffled, unweighted
-                            "exclude": [], "relabel": {}, "fold": None}
+                            "exclude": [], "relabel": {}, "fold": None,
+                            "augmentation_draws": 2}  # how the augmentation draws (see design.md): checked on --resume
     assert meta["image_size"] == 32 and meta["config"]["epochs"] == 2
     history = read_history(run)
     assert [row["epoch"] for row in history] == [1, 2]

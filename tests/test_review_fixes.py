@@ -27,7 +27,7 @@ from flowers.errors import UserError
 from flowers.imagefiles import load_rgb
 from flowers.loading import initial_state, load_state_dict_file
 from flowers.model import build_model, load_model_weights
-from flowers.transforms import train_transform
+from flowers.transforms import draws_for_epoch, train_transform
 
 
 # ---- 1. Python 3.10: no hashlib.file_digest ---------------------------------------------------------
@@ -50,26 +50,20 @@ def _augmented(seed: int, epoch: int, index: int, images: Dataset) -> torch.Tens
     return augmentation[index]["pixel_values"]
 
 
-def _drawn_with(generator_seed: int, images: Dataset, index: int) -> torch.Tensor:
-    """What the training transform gives when the generator is seeded with exactly this value."""
+def _drawn_with(draws, images: Dataset, index: int) -> torch.Tensor:
+    """What the training transform gives with this row of draws."""
     entry = images.cast_column("image", Image(decode=False))[index]["image"]
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(generator_seed)
-        return train_transform(32)(load_rgb(entry))
+    return train_transform(32)(load_rgb(entry), draws=draws)
 
 
-def test_large_seeds_augment_and_seeds_that_worked_draw_what_they_drew(tmp_path):
+def test_large_seeds_augment_and_each_image_draws_its_row_of_the_epoch(tmp_path):
     images, _ = data.full_dataset(str(make_dataset(tmp_path / "flowers", per_class=1)))
-    # seed 42, epoch 5, image 3: the c880512 formula, unreduced
-    assert torch.equal(_augmented(42, 5, 3, images), _drawn_with((42 * 1_000_003 + 5) * 10_000_019 + 3, images, 3))
-    # the largest seed whose draws stay below 2**64 keeps them too
-    largest_old = (2**64 // 10_000_019) // 1_000_003 - 1
-    assert torch.equal(_augmented(largest_old, 2, 4, images),
-                       _drawn_with((largest_old * 1_000_003 + 2) * 10_000_019 + 4, images, 4))
-    for seed in (1_844_666, 2**32 - 1):  # crashed with "Overflow when unpacking long"
-        out = _augmented(seed, 3, 2, images)
+    for seed, epoch, index in ((42, 5, 3), (1_844_666, 2, 4), (2**32 - 1, 3, 2)):  # 1_844_666: once "Overflow"
+        out = _augmented(seed, epoch, index, images)
         assert out.shape == (3, 32, 32)
-        assert torch.equal(out, _drawn_with(((seed * 1_000_003 + 3) * 10_000_019 + 2) % 2**64, images, 2))
+        # the device pipeline draws the whole epoch at once: image `index` takes its row
+        assert torch.equal(out, _drawn_with(draws_for_epoch(seed, epoch, 5)[[index]], images, index))
+        assert not torch.equal(out, _drawn_with(draws_for_epoch(seed, epoch + 1, 5)[[index]], images, index))
 
 
 @pytest.mark.slow

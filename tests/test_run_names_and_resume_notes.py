@@ -14,6 +14,7 @@ from flowers.config import TrainConfig, parse, to_dict
 from flowers.errors import UserError
 from flowers.resume import resumed_config
 from flowers.training import _create_run_dir
+from flowers.transforms import AUGMENTATION_DRAWS
 
 
 def test_a_run_that_stopped_before_its_first_save_does_not_block_its_name(tmp_path, capsys):
@@ -59,7 +60,8 @@ def test_a_run_name_stays_blocked_by_a_checkpoint_or_a_live_run(tmp_path):
 
 def _finished_run(tmp_path, **config):
     run_dir = tmp_path / "out" / "r"
-    checkpoint.save_checkpoint(run_dir / "last", {}, {"config": to_dict(TrainConfig(**config))})
+    checkpoint.save_checkpoint(run_dir / "last", {}, {"config": to_dict(TrainConfig(**config)),
+                                                      "data": {"augmentation_draws": AUGMENTATION_DRAWS}})
     return run_dir
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as real_datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,23 @@ def test_resume_with_another_number_of_processes_is_refused_naming_both(flower_d
     assert proc.returncode == 2, proc.stdout[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "trained with 2 process(es) and this launch has 1" in last and "--num_processes 2" in last
+
+
+def test_a_run_saved_with_the_old_augmentation_draws_is_refused_in_one_line(trained_run, tmp_path):
+    """Runs saved before the epoch-wide draws (transforms.AUGMENTATION_DRAWS 2) drew other images:
+    --resume cannot continue them exactly and says so, naming --init-from."""
+    run = tmp_path / "old"
+    shutil.copytree(trained_run["output_dir"] / "tiny", run)
+    meta_file = run / "last" / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["data"].pop("augmentation_draws") == 2  # what this version records
+    meta["config"]["epochs"] = 3  # unfinished
+    meta_file.write_text(json.dumps(meta))
+    proc = run_cli("python", "train.py", "--resume", str(run), "--data", str(trained_run["data"]), check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot continue exactly" in last and f"--init-from {run / 'last'}" in last, last
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 # ---- DDP: per-rank dropout, the same EMA on every rank ----------------------------------------------

@@ -34,7 +34,7 @@ class Break:
 
 BREAKS = [
     # ---- train.py: fit(), open_run(), Run ----
-    Break("--data", "flowers/training.py", "load_splits(resolve_data(cfg.data),", "load_splits(resolve_data(None),",
+    Break("--data", "flowers/training.py", "data = resolve_data(cfg.data)", "data = resolve_data(None)",
           (W + "test_data_output_dir_and_run_name_place_the_run",)),
     Break("--output-dir", "flowers/training.py", "output_dir = Path(cfg.output_dir)\n", "output_dir = Path('outputs')\n",
           (W + "test_data_output_dir_and_run_name_place_the_run",)),
@@ -46,6 +46,14 @@ BREAKS = [
           (W + "test_val_split_and_seed_choose_the_held_out_photos",)),
     Break("--seed (data order: the raw seed)", "flowers/training.py", "        return data_order_seed(self.cfg.seed)",
           "        return self.cfg.seed", (W + "test_neighbouring_seeds_get_unrelated_data_orders",)),
+    Break("--seed/epoch (augmentation, workers)", "flowers/data.py", "draws_for_image(self.seed, self.epoch, index)",
+          "draws_for_image(self.seed, 0, index)",
+          ("tests/test_review_fixes.py::test_large_seeds_augment_and_each_image_draws_its_row_of_the_epoch",)),
+    Break("--seed/epoch (augmentation, device)", "flowers/device_data.py",
+          "draws_for_epoch(self.seed, epoch, len(self.images))", "draws_for_epoch(self.seed, 0, len(self.images))",
+          ("tests/test_device_pipeline.py::test_each_image_of_a_batch_gets_its_own_draw_and_the_draws_follow_seed_and_epoch",)),
+    Break("--resume (old augmentation draws)", "flowers/resume.py", "if draws != AUGMENTATION_DRAWS:", "if False:",
+          ("tests/test_training_fixes.py::test_a_run_saved_with_the_old_augmentation_draws_is_refused_in_one_line",)),
     Break("--strict", "flowers/training.py", "cfg.val_split, cfg.seed, cfg.strict", "cfg.val_split, cfg.seed, False",
           (W + "test_strict_refuses_a_folder_with_a_broken_photo",)),
     Break("--weights", "flowers/training.py", "start.init_path else cfg.weights, cfg.arch)",
