@@ -586,10 +586,15 @@ def place_decoded_images(loaders: Loaders, cfg: TrainConfig, accelerator, model)
         return
     reserve_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     train, val = loaders.train.images, loaders.val.images
+    if dd.node_share() is not None:  # every process of the node has mapped the shared copy: unlink it
+        accelerator.wait_for_everyone()
+        dd.release_shared(train, val)
     nbytes = train.pixels.numel() + val.pixels.numel()
     where = dd.place_both(train, val, accelerator.device, cfg.device_cache, reserve_bytes)
-    accelerator.print(f"device pipeline: {len(train)} + {len(val)} images decoded, {nbytes / 2**30:.2f} GiB in this "
-                      f"process, kept on {where} (--device-cache {cfg.device_cache})")
+    shared = dd.node_share() is not None and train.pixels.device.type == "cpu"  # still the mapped copy
+    accelerator.print(f"device pipeline: {len(train)} + {len(val)} images decoded, {nbytes / 2**30:.2f} GiB "
+                      + ("on the host, one copy for this node's processes" if shared else
+                         f"in this process, kept on {where}") + f" (--device-cache {cfg.device_cache})")
 
 
 def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: int) -> Loaders:
@@ -601,11 +606,11 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
     # drop_last: a last batch of one image would crash BatchNorm in training mode
     drop_last = len(splits.train) > cfg.batch_size * accelerator.num_processes
     if pipeline == "device":
-        # every process decodes at once, on its share of the cores (no barrier for the others to wait
-        # in, which a large set could keep past the collective timeout); the bar is the local main's.
-        # On the host until place_decoded_images (once the model and its optimizer are on the device).
-        train_images = dd.decode_training_images(splits.train, cfg.image_size)
-        val_images = dd.decode_eval_images(splits.val, cfg.image_size)
+        # once per node, shared by its processes (see device_data.decode_split; no barrier for the others
+        # to wait in, which a large set could keep past the collective timeout); the bar is the local
+        # main's. On the host until place_decoded_images (once the model and its optimizer are on the device).
+        train_images = dd.decode_split("train", splits.train, cfg.image_size)
+        val_images = dd.decode_split("val", splits.val, cfg.image_size)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
         train_pixels = dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device, cfg.channels_last)
         train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last,

@@ -14,11 +14,15 @@ path computes, so evaluation is identical on both paths.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -51,6 +55,7 @@ class DecodedImages:
     transposed: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
+    shared_file: Optional[Path] = None  # the node's shared copy, until release_shared unlinks it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,10 +101,17 @@ def _stack(canvas: torch.Tensor, sizes: list, transposed: list, labels: list, va
                          torch.tensor(labels, dtype=torch.long), torch.tensor(valid, dtype=torch.bool))
 
 
-def decode_training_images(ds: Dataset, image_size: int, threads: Optional[int] = None) -> DecodedImages:
-    """`ds` (photos at evaluation's short side, see data.resized_copy) in canvases, on the host."""
+def _shape(kind: str, count: int, image_size: int) -> tuple[int, ...]:
     short = eval_size(image_size)
-    canvas = torch.zeros(len(ds), 3, short, 2 * short, dtype=torch.uint8)
+    return (count, 3, short, 2 * short) if kind == "train" else (count, 3, image_size, image_size)
+
+
+def decode_training_images(ds: Dataset, image_size: int, threads: Optional[int] = None,
+                           out: Optional[torch.Tensor] = None) -> DecodedImages:
+    """`ds` (photos at evaluation's short side, see data.resized_copy) in canvases, on the host
+    (in `out`, zeros of its shape, when given)."""
+    short = eval_size(image_size)
+    canvas = torch.zeros(_shape("train", len(ds), image_size), dtype=torch.uint8) if out is None else out
     sizes, transposed, labels, valid = [], [], [], []
     for i, (img, label) in enumerate(_rows(ds, "decoding training images", threads)):
         valid.append(img is not None)
@@ -119,10 +131,12 @@ def decode_training_images(ds: Dataset, image_size: int, threads: Optional[int] 
     return _stack(canvas, sizes, transposed, labels, valid)
 
 
-def decode_eval_images(ds: Dataset, image_size: int, threads: Optional[int] = None) -> DecodedImages:
-    """`ds` as evaluation's uint8 centre crops (the PIL path's pixels before normalisation)."""
+def decode_eval_images(ds: Dataset, image_size: int, threads: Optional[int] = None,
+                       out: Optional[torch.Tensor] = None) -> DecodedImages:
+    """`ds` as evaluation's uint8 centre crops (the PIL path's pixels before normalisation), in
+    `out` (zeros of its shape) when given."""
     crop = eval_pixels(image_size)
-    pixels = torch.zeros(len(ds), 3, image_size, image_size, dtype=torch.uint8)
+    pixels = torch.zeros(_shape("val", len(ds), image_size), dtype=torch.uint8) if out is None else out
     labels, valid = [], []
     for i, (img, label) in enumerate(_rows(ds, "decoding validation images", threads)):
         if img is not None:
@@ -130,6 +144,71 @@ def decode_eval_images(ds: Dataset, image_size: int, threads: Optional[int] = No
         labels.append(label)
         valid.append(img is not None)
     return _stack(pixels, [(image_size, image_size)] * len(ds), [False] * len(ds), labels, valid)
+
+
+# ---- one decoded copy per node ----------------------------------------------------------------------
+# Under torchrun (accelerate launch) with several processes on a node, the node's local main process
+# decodes each split once, on all the node's decode threads, into a file in shared memory
+# (/dev/shm); the node's other processes wait for it by polling for its metadata file (no collective
+# that a long decode could keep past the collective timeout) and map the same pages. The files are
+# unlinked once every process has mapped them (release_shared, after the model's first collective),
+# so the memory goes back when the last process lets go; multiprocessing's resource tracker
+# unlinks them if the local main dies first.
+SHARED_DIR = Path("/dev/shm")
+_shared_calls = itertools.count()  # every process decodes its splits in the same order: the same names
+
+
+def node_share() -> Optional[str]:
+    """A name prefix the node's processes share (their launcher's pid), or None when this process
+    decodes on its own: one process on the node, no torchrun, or no /dev/shm."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ \
+            or not SHARED_DIR.is_dir():
+        return None
+    return f"flowers-{os.getppid()}"
+
+
+def decode_split(kind: str, ds: Dataset, image_size: int) -> DecodedImages:
+    """`ds` decoded as decode_training_images ("train") or decode_eval_images ("val") do it, once
+    per node (see above): on the host, shared by the node's processes when there are several."""
+    decode = decode_training_images if kind == "train" else decode_eval_images
+    prefix = node_share()
+    if prefix is None:
+        return decode(ds, image_size)
+    shape = _shape(kind, len(ds), image_size)
+    path = SHARED_DIR / f"{prefix}-{next(_shared_calls)}-{kind}"
+    meta = path.with_name(path.name + ".meta")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        with open(path, "wb") as f:
+            f.truncate(math.prod(shape))
+        resource_tracker.register(f"/{path.name}", "shared_memory")  # shm_unlink(name) removes /dev/shm/name
+        images = decode(ds, image_size, min(8, usable_cores()), out=_mapped(path, shape))
+        images.shared_file = path
+        tmp = meta.with_name(meta.name + ".tmp")
+        torch.save((images.sizes, images.transposed, images.labels, images.valid), tmp)
+        os.replace(tmp, meta)  # the signal: the pixels are complete
+        resource_tracker.register(f"/{meta.name}", "shared_memory")
+        return images
+    while not meta.is_file():
+        time.sleep(0.2)
+    sizes, transposed, labels, valid = torch.load(meta, weights_only=True)
+    if labels.tolist() != list(ds["label"]):
+        raise RuntimeError(f"{path}: the node's local main process decoded another split than this process's")
+    return DecodedImages(_mapped(path, shape), sizes, transposed, labels, valid)
+
+
+def _mapped(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+
+
+def release_shared(*splits: DecodedImages) -> None:
+    """The local main process: unlink the splits' shared files, once every process of the node has
+    mapped them (after a collective that follows their decoding); the pages stay while mapped."""
+    for images in splits:
+        if images.shared_file is not None:
+            for path in (images.shared_file, images.shared_file.with_name(images.shared_file.name + ".meta")):
+                path.unlink(missing_ok=True)
+                resource_tracker.unregister(f"/{path.name}", "shared_memory")
+            images.shared_file = None
 
 
 def free_device_memory(device: torch.device) -> Optional[int]:

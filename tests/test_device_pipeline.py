@@ -288,6 +288,19 @@ def _recording(self, rows, epoch):
         f.write(json.dumps([epoch, rows.tolist()]) + "\\n")
     return _plan(self, rows, epoch)
 device_data.TrainPixels.plan = _recording
+_decode = device_data.decode_training_images
+def _decoding(*args, **kwargs):  # which ranks decode, and the pixels each rank trains on
+    images = _decode(*args, **kwargs)
+    with open(os.environ["ROWS"] + "decoded-" + os.environ.get("RANK", "0"), "w") as f:
+        f.write("decoded")
+    return images
+device_data.decode_training_images = _decoding
+_place = device_data.place_both
+def _placing(train, val, *args, **kwargs):
+    with open(os.environ["ROWS"] + "pixels-" + os.environ.get("RANK", "0"), "w") as f:
+        f.write(json.dumps([int(train.pixels.long().sum()), int(val.pixels.long().sum())]))
+    return _place(train, val, *args, **kwargs)
+device_data.place_both = _placing
 """
 
 
@@ -295,8 +308,11 @@ device_data.TrainPixels.plan = _recording
 def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics_of_one_process(tmp_path):
     """Two real CPU ranks (gloo): 45 photos, 36 train in global batches of 2 x 4, so each epoch
     4 batches a rank, 32 images, none twice; 9 validation images in 2 global batches (the second
-    padded). The accuracy both ranks record is what one process measures (eval.py)."""
+    padded). The accuracy both ranks record is what one process measures (eval.py). The node's
+    local main decodes the photos once, into shared memory that both ranks train from, and the
+    shared files are gone by the end."""
     data = make_dataset(tmp_path / "flowers", per_class=9)
+    shared_before = set(Path("/dev/shm").glob("flowers-*"))
     script = patched_entry_script(tmp_path / "train_rows.py", RECORD_ROWS)
     out = tmp_path / "out"
     proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port",
@@ -304,6 +320,13 @@ def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics
                    *TINY_TRAIN, "--pipeline", "device", "--epochs", "2", "--batch-size", "4",
                    env={"ACCELERATE_USE_CPU": "true", "ROWS": str(tmp_path / "rows-")}, timeout=1200)
     assert "processes: 2" in proc.stdout
+    assert "one copy for this node's processes" in proc.stdout
+    assert [(tmp_path / f"rows-decoded-{rank}").is_file() for rank in "01"] == [True, False]  # rank 1 mapped it
+    pixels = [json.loads((tmp_path / f"rows-pixels-{rank}").read_text()) for rank in "01"]
+    splits = resized_splits(load_splits(str(data), 0.2, seed=42), T.eval_size(32))  # what one process decodes alone
+    assert pixels[0] == pixels[1] == [int(dd.decode_training_images(splits.train, 32).pixels.long().sum()),
+                                      int(dd.decode_eval_images(splits.val, 32).pixels.long().sum())]
+    assert set(Path("/dev/shm").glob("flowers-*")) <= shared_before  # unlinked once both had mapped them
     seen = {rank: [json.loads(line) for line in (tmp_path / f"rows-{rank}").read_text().splitlines()]
             for rank in "01"}
     for epoch in (0, 1):
