@@ -181,6 +181,9 @@ class TrainConfig:
                     valid=Text("a torchvision classifier", inside=("resnet18", "vit_b_16"),
                                                  outside=("", "resnet-unknown")))
     image_size: int = arg(224, "training/evaluation crop size in pixels", valid=span("[32, 4096]"))
+    resize_from: int = arg(0, "progressive resizing: train at this size (px) in the first epoch, growing in steps of "
+                           "16 px to --image-size by three quarters of the run (shrinking when larger); validation and "
+                           "checkpoints at --image-size (0: off)", valid=span("[0, 4096]"))
     weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint",
                        valid=Text("imagenet, none or a path", inside=("imagenet", "none"),
                                  outside=("", "no-such-weights-file")))
@@ -257,6 +260,8 @@ class TrainConfig:
         check_values(self)
         from flowers.model import check_arch  # not at the top: torchvision, for train configs only
         check_arch(self.arch, self.image_size)
+        check(self.resize_from == 0 or self.resize_from >= 32,
+              f"--resize-from must be 0 (off) or at least 32, got {self.resize_from}")
         check(self.scheduler != "onecycle" or self.warmup_epochs < self.epochs,
               "--warmup-epochs must be shorter than --epochs for the onecycle schedule")
         check(not (self.resume and self.init_from),

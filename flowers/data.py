@@ -25,7 +25,7 @@ from flowers.balance import BalancedSampler, split_labels
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
-from flowers.transforms import draws_for_image, eval_transform, short_side_resize, train_transform
+from flowers.transforms import draws_for_image, eval_transform, short_side_resize, train_transform, training_sizes
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -439,9 +439,10 @@ class SeededAugmentation(torch.utils.data.Dataset):
     the new value: they take up the new epoch's indices only after the iterator is created.
     """
 
-    def __init__(self, ds: Dataset, transform: Callable, seed: int):
+    def __init__(self, ds: Dataset, transform: Callable, seed: int, sizes: Optional[tuple[int, ...]] = None):
         self.ds = ds.cast_column("image", Image(decode=False))  # decoded by imagefiles.load_rgb
         self.transform, self.seed = transform, seed
+        self.sizes = sizes  # each epoch's crop size (transforms.training_sizes), else the transform's own
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     @property
@@ -465,7 +466,8 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def _example(self, entry: dict, label: int, index: int) -> dict:
         # draws of its own (transforms.draws_for_image): the global RNG (dropout, MixUp) is left untouched
         draws = draws_for_image(self.seed, self.epoch, index)
-        return {"pixel_values": _transformed_or_none(entry, functools.partial(self.transform, draws=draws)),
+        size = self.sizes[min(self.epoch, len(self.sizes) - 1)] if self.sizes else None
+        return {"pixel_values": _transformed_or_none(entry, functools.partial(self.transform, draws=draws, size=size)),
                 "labels": label}
 
 
@@ -603,6 +605,7 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
     evaluation's short side on the device path (resized_splits)."""
     device = accelerator.device
     pipeline = resolve_pipeline(cfg.pipeline, device.type)
+    sizes = training_sizes(cfg.image_size, cfg.resize_from, cfg.epochs)  # --resize-from: a size per epoch
     # drop_last: a last batch of one image would crash BatchNorm in training mode
     drop_last = len(splits.train) > cfg.batch_size * accelerator.num_processes
     if pipeline == "device":
@@ -612,14 +615,14 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
         train_images = dd.decode_split("train", splits.train, cfg.image_size)
         val_images = dd.decode_split("val", splits.val, cfg.image_size)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
-        train_pixels = dd.TrainPixels(train_images, cfg.image_size, cfg.seed, device, cfg.channels_last)
+        train_pixels = dd.TrainPixels(train_images, sizes, cfg.seed, device, cfg.channels_last)
         train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last,
                                 sampler=cfg.sampler)
         val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device, cfg.channels_last))
         return Loaders(train, val, pipeline, 0)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device.type)
     options = LoaderOptions(workers=workers, device_type=device.type, image_size=cfg.image_size, seed=cfg.seed)
-    augmented = SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed)
+    augmented = SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed, sizes)
     # --sampler balanced: our seeded order (Accelerate shards its batches); random: Accelerate's seedable shuffle
     sampler = (BalancedSampler(augmented, split_labels(splits.train), shuffle_seed)
                if cfg.sampler == "balanced" else None)

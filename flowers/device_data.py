@@ -332,21 +332,26 @@ class TrainPixels:
     """Augmented training pixels: the whole epoch's parameters drawn and composed on the host at
     once, ahead of its first batch (transforms.draws_for_epoch: image i draws what
     data.SeededAugmentation draws for it), each batch's rows of them copied with the batch and the
-    pixel work done for the whole batch on the device (transforms.BatchAugmentation)."""
+    pixel work done for the whole batch on the device (transforms.BatchAugmentation). `sizes`: the
+    crop size, or each epoch's (transforms.training_sizes, --resize-from)."""
 
-    def __init__(self, images: DecodedImages, image_size: int, seed: int, device: torch.device,
+    def __init__(self, images: DecodedImages, sizes: "int | tuple[int, ...]", seed: int, device: torch.device,
                  channels_last: bool = True):
-        self.images, self.image_size, self.seed, self.device = images, image_size, seed, device
-        self.augment = BatchAugmentation(image_size, channels_last=channels_last)
+        self.images, self.seed, self.device, self.channels_last = images, seed, device, channels_last
+        self.sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
         self.heights, self.widths = np.array(images.sizes, dtype=np.int64).reshape(-1, 2).T
         self._epoch_plan: Optional[tuple[int, torch.Tensor]] = None
+        self.augment = BatchAugmentation(self.sizes[0], channels_last=channels_last)
 
     def epoch_plan(self, epoch: int) -> torch.Tensor:
         """Every image's plan for `epoch` (N, BatchAugmentation.PLAN_COLUMNS), made once an epoch:
         vectorised, a few ms for the flower set instead of ~3 ms a batch drawn image by image."""
         if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+            size = self.sizes[min(epoch, len(self.sizes) - 1)]
+            if size != self.augment.image_size:
+                self.augment = BatchAugmentation(size, channels_last=self.channels_last)
             params = sample_augmentation(draws_for_epoch(self.seed, epoch, len(self.images)), self.widths,
-                                         self.heights, self.image_size)
+                                         self.heights, size)
             canvas = self.images.pixels.shape
             self._epoch_plan = (epoch, self.augment.plan((canvas[-1], canvas[-2]), self.images.transposed, params))
         return self._epoch_plan[1]

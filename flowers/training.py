@@ -35,7 +35,7 @@ from flowers.resume import (Progress, StopOnSignal, append_history, config_only_
                             load_init_weights, load_last, resolve_init, resumed_config, trim_history)
 from flowers.resume import save_last as save_last_state
 from flowers.runtime import environment, make_accelerator
-from flowers.transforms import AUGMENTATION_DRAWS, IMAGENET_MEAN, IMAGENET_STD, eval_size
+from flowers.transforms import AUGMENTATION_DRAWS, IMAGENET_MEAN, IMAGENET_STD, eval_size, training_sizes
 
 
 def _create_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> Path:
@@ -243,6 +243,11 @@ class Run:
     best_ema_result: Optional[EpochResult] = None  # this launch's best epoch of the EMA
     last_result: Optional[EpochResult] = None
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Each epoch's training crop size (0-based; --resize-from)."""
+        return training_sizes(self.cfg.image_size, self.cfg.resize_from, self.cfg.epochs)
+
     @classmethod
     def create(cls, accelerator: Accelerator, start: RunStart, splits: Splits, init_state: Optional[dict],
                run_dir: Path) -> Run:
@@ -357,7 +362,7 @@ class Run:
             "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val["loss"],
             "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": progress.epoch_lr,
             "epoch_time_s": train.seconds + out.seconds, "images_per_s": train.images_per_s,
-            "train_samples": train.samples, "image_size": cfg.image_size, "data_wait": train.data_wait,
+            "train_samples": train.samples, "image_size": self.sizes[epoch - 1], "data_wait": train.data_wait,
         }
         ema_is_best, ema_metrics, ema_out = False, None, None
         if self.ema is not None:

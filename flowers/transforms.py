@@ -280,11 +280,13 @@ class ReportAugmentation:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, {self.to_tensor})"
 
-    def __call__(self, img: Image.Image, draws: Optional[np.ndarray] = None) -> torch.Tensor:
-        """`draws`: the image's row (1, DRAW_COLUMNS) (draws_for_image); numpy's global generator's when None."""
+    def __call__(self, img: Image.Image, draws: Optional[np.ndarray] = None, size: Optional[int] = None) -> torch.Tensor:
+        """`draws`: the image's row (1, DRAW_COLUMNS) (draws_for_image); numpy's global generator's when
+        None. `size`: this epoch's crop size (--resize-from), else image_size."""
         draws = np.random.random((1, DRAW_COLUMNS)) if draws is None else draws
-        params = sample_augmentation(draws, [img.width], [img.height], self.image_size)
-        return self.to_tensor(augment_pil(img, params, self.image_size))
+        size = size or self.image_size
+        params = sample_augmentation(draws, [img.width], [img.height], size)
+        return self.to_tensor(augment_pil(img, params, size))
 
 
 def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ReportAugmentation:
@@ -400,6 +402,21 @@ class DeviceNormalise:
         scale, shift = self._on_device[device]
         out = torch.empty(pixels.shape, dtype=torch.float32, device=device, memory_format=self.memory_format)
         return torch.mul(pixels, scale, out=out).add_(shift)
+
+
+def training_sizes(image_size: int, resize_from: int, epochs: int) -> tuple[int, ...]:
+    """Each epoch's training crop size (0-based): --image-size throughout, or with --resize-from a
+    linear ramp from resize_from at the first epoch to image_size at three quarters of the run,
+    rounded to 16 px (few distinct shapes: cuDNN and torch.compile tune each once), then image_size."""
+    if not resize_from or epochs <= 1:
+        return (image_size,) * max(1, epochs)
+    ramp = max(1, round(0.75 * (epochs - 1)))
+    sizes = []
+    for epoch in range(epochs):
+        size = resize_from + (image_size - resize_from) * min(1.0, epoch / ramp)
+        low, high = sorted((resize_from, image_size))
+        sizes.append(min(high, max(low, int(round(size / 16)) * 16)))
+    return tuple(sizes)
 
 
 def eval_size(image_size: int) -> int:

@@ -22,6 +22,7 @@ def test_yaml_config_and_flags_win(tmp_path):
     (["--lr", "-1"], "--lr"),
     (["--epochs", "0"], "--epochs"),
     (["--image-size", "16"], "--image-size"),
+    (["--resize-from", "16"], "--resize-from must be 0 \\(off\\) or at least 32, got 16"),
     (["--val-split", "1.5"], "--val-split"),
     (["--optimizer", "lion"], "invalid choice"),
     (["--epochs", "two"], "argument --epochs: must be a whole number at least 1, got 'two'"),

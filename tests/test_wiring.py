@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 import torch
 from PIL import Image
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from flowers import tracking, training
 from flowers.data import image_paths
 from flowers.device_data import DeviceLoader
 from flowers.errors import UserError
+from flowers.config import TrainConfig, parse
+from flowers.resume import epoch_loader, read_history
 from flowers.transforms import eval_size
 
 
@@ -141,6 +144,33 @@ def test_batch_size_image_size_and_workers_shape_the_batches(open_run):
     batch = next(iter(run.train_loader))
     assert batch["pixel_values"].shape == (8, 3, 48, 48)
     assert run.train_loader.num_workers == 1
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "device"])
+def test_resize_from_grows_the_training_crops_and_keeps_validation_at_image_size(open_run, pipeline):
+    """--resize-from 32 --image-size 64 over 5 epochs: the ramp 32, 48, 48, 64, 64 (16 px steps, at
+    the full size by three quarters of the run), on both pipelines; validation at 64 throughout."""
+    run = open_run("--resize-from", "32", "--image-size", "64", "--epochs", "5", "--pipeline", pipeline,
+                   "--workers", "0")
+    shapes = [next(iter(epoch_loader(run.train_loader, epoch, 0)))["pixel_values"].shape[-1] for epoch in range(5)]
+    assert shapes == [32, 48, 48, 64, 64]
+    assert next(iter(run.val_loader))["pixel_values"].shape[-1] == 64
+    assert run.sizes == (32, 48, 48, 64, 64)  # the history's image_size column (time_to_accuracy.py's compute)
+    # without it: the one size
+    plain = open_run("--image-size", "64", "--epochs", "5", "--pipeline", pipeline, "--workers", "0")
+    assert {next(iter(epoch_loader(plain.train_loader, e, 0)))["pixel_values"].shape[-1] for e in (0, 4)} == {64}
+
+
+def test_resize_from_is_in_the_history_with_the_images_seen(photos, tmp_path):
+    """A real fit(): each history row names the size it trained at, which time_to_accuracy.py
+    weighs the images by."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = parse(TrainConfig, ["--data", str(photos), "--output-dir", str(tmp_path), "--run-name", "r",
+                              "--weights", "none", "--image-size", "48", "--resize-from", "32", "--batch-size", "8",
+                              "--epochs", "2", "--report-to", "none", "--workers", "0"])
+    rows = read_history(training.fit(cfg))
+    assert [(row["image_size"], row["train_samples"]) for row in rows] == [(32, 32), (48, 32)]
 
 
 def test_pipeline_device_and_cache_resized_change_where_pixels_come_from(open_run):
