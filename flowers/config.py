@@ -181,6 +181,9 @@ class TrainConfig:
                     valid=Text("a torchvision classifier", inside=("resnet18", "vit_b_16"),
                                                  outside=("", "resnet-unknown")))
     image_size: int = arg(224, "training/evaluation crop size in pixels", valid=span("[32, 4096]"))
+    val_tta: str = arg("none", "test-time augmentation of the validation during training (flip: each image and its "
+                        "mirror, softmax averaged); best/ is chosen by it, and eval.py --tta flip reproduces it",
+                        choices=["none", "flip"])
     resize_from: int = arg(0, "progressive resizing: train at this size (px) in the first epoch, growing in steps of "
                            "16 px to --image-size by three quarters of the run (shrinking when larger); validation and "
                            "checkpoints at --image-size (0: off)", valid=span("[0, 4096]"))

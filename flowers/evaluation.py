@@ -72,8 +72,13 @@ def eval_crop(cfg: EvalConfig, meta: dict) -> int:
 
 
 def is_plain(cfg: EvalConfig, meta: dict) -> bool:
-    """No TTA, at the trained size: the evaluation that training recorded an accuracy for."""
-    return cfg.tta == "none" and eval_crop(cfg, meta) == int(meta["image_size"])
+    """The evaluation that training recorded an accuracy for: at the trained size, with the TTA its
+    validation used (--val-tta; none for checkpoints from before it)."""
+    return cfg.tta == recorded_tta(meta) and eval_crop(cfg, meta) == int(meta["image_size"])
+
+
+def recorded_tta(meta: dict) -> str:
+    return meta.get("config", {}).get("val_tta", "none")
 
 
 def setting_label(tta: str, size: int) -> str:
@@ -210,7 +215,7 @@ def _write_report(report_dir: Path, result: dict, dataset: Dataset, out: EvalOut
                                             _recorded_precision(meta), result["mixed_precision"]))
         else:
             print(f"accuracy with {label}: {metrics['accuracy']:.2%}; the accuracy recorded at training time, "
-                  f"{recorded:.2%}, is for plain evaluation at {meta['image_size']} px")
+                  f"{recorded:.2%}, is for {setting_label(recorded_tta(meta), int(meta['image_size']))}")
 
 
 def _plot_calibration(report_dir: Path, result: dict, out: EvalOutput, probs: np.ndarray, label: str) -> None:

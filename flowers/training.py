@@ -355,7 +355,8 @@ class Run:
         # not at the top: importing `evaluate` takes seconds, which would delay the first step
         from flowers.metrics import compute_metrics
         cfg, progress, num_classes = self.cfg, self.progress, len(self.splits.class_names)
-        out = evaluate(self.accelerator, self.model, self.val_loader, desc="validate", channels_last=cfg.channels_last)
+        out = evaluate(self.accelerator, self.model, self.val_loader, desc="validate", channels_last=cfg.channels_last,
+                       tta=cfg.val_tta)
         check_validation_loss(out.loss, epoch, self.run_dir)
         val = {**compute_metrics(out.scores, out.labels, num_classes), "loss": out.loss}
         metrics = {
@@ -367,7 +368,7 @@ class Run:
         ema_is_best, ema_metrics, ema_out = False, None, None
         if self.ema is not None:
             ema_out = evaluate(self.accelerator, self.ema.module, self.val_loader, desc="validate ema",
-                               channels_last=cfg.channels_last)
+                               channels_last=cfg.channels_last, tta=cfg.val_tta)
             ema_val = {**compute_metrics(ema_out.scores, ema_out.labels, num_classes), "loss": ema_out.loss}
             metrics.update(ema_val_accuracy=ema_val["accuracy"], ema_val_loss=ema_val["loss"])
             # what ema/ records: the accuracy of the weights it holds (eval.py checks it against that)
@@ -457,7 +458,7 @@ class Run:
                 continue
             if self.accelerator.is_main_process:
                 meta = calibration.record_temperature(self.run_dir / name, out.scores, out.labels,
-                                                      eval_size=self.cfg.image_size, tta="none", split="val")
+                                                      eval_size=self.cfg.image_size, tta=self.cfg.val_tta, split="val")
                 fitted = meta["calibration"]
                 self.accelerator.print(
                     f"{name}/: temperature {meta['temperature']:.3f} fitted on the validation split; ECE "

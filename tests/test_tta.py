@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_dataset, read_history
 from conftest import run_cli as _run_cli
 from flowers.config import EvalConfig, PredictConfig, parse
 from flowers.engine import predict_logits
@@ -119,7 +120,7 @@ def test_eval_with_tta_writes_its_own_labelled_report_and_keeps_the_plain_one(tr
     assert "TTA: flip, 40 px" in proc.stdout.splitlines()
     assert "matches the accuracy recorded" not in proc.stdout and "DIFFERS" not in proc.stdout
     assert (f"accuracy with TTA: flip, 40 px: {result['metrics']['accuracy']:.2%}; the accuracy recorded at "
-            f"training time, {recorded:.2%}, is for plain evaluation at 32 px") in proc.stdout
+            f"training time, {recorded:.2%}, is for TTA: none, 32 px") in proc.stdout
     # the plain report and the checkpoint's record are untouched; plain evaluation still matches it
     assert (plain_dir / "results.json").read_bytes() == plain_results
     assert ckpt_json.read_bytes() == recorded_meta
@@ -144,3 +145,23 @@ def test_predict_with_tta_agrees_with_eval_with_tta(trained_run, tmp_path):
     for key, top in predicted.items():
         assert top["class"] == by_eval[key]["predicted"], key
         assert top["probability"] == pytest.approx(float(by_eval[key]["confidence"]), abs=1e-3), key
+
+
+def test_val_tta_flip_validates_with_the_mirror_and_eval_tta_flip_reproduces_it(tmp_path):
+    """--val-tta flip: training's validation averages each image and its mirror (its loss is the
+    TTA one, not the plain one), best/ records it, and eval.py --tta flip is the evaluation that
+    matches it (plain eval.py is then a different setting and says so)."""
+    data = make_dataset(tmp_path / "flowers")
+    out = tmp_path / "out"
+    run_cli("python", "train.py", "--data", str(data), "--output-dir", str(out), "--run-name", "r", "--epochs", "1",
+            "--val-tta", "flip", "--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to",
+            "none", "--workers", "0")
+    recorded = read_history(out / "r")[0]
+    flip = run_cli("python", "eval.py", "--ckpt", str(out / "r" / "best"), "--tta", "flip", "--workers", "0")
+    assert "matches the accuracy recorded at training time" in flip.stdout, flip.stdout
+    result = json.loads(next((out / "r").glob("eval-best-val-tta-flip/results.json")).read_text())
+    assert abs(result["metrics"]["loss"] - recorded["val_loss"]) < 1e-4
+    plain = run_cli("python", "eval.py", "--ckpt", str(out / "r" / "best"), "--workers", "0")
+    assert "is for TTA: flip, 32 px" in plain.stdout and "DIFFERS" not in plain.stdout
+    plain_loss = json.loads(next((out / "r").glob("eval-best-val/results.json")).read_text())["metrics"]["loss"]
+    assert abs(plain_loss - recorded["val_loss"]) > 1e-4  # the mirror made a difference the check can see
