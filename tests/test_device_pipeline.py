@@ -257,14 +257,21 @@ def _history_without_timings(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--resize-from", "32", "--image-size", "48"),
+                                   ("--resize-from", "32", "--image-size", "48", "--pipeline", "workers")],
+                         ids=["device", "device-resized", "workers-resized"])
+def test_device_pipeline_stopped_by_sigterm_mid_epoch_resumes_bit_identically(tmp_path, extra):
     """25 photos: 20 train in 5 batches of 4. SIGTERM once step 6 (epoch 2's first) is saved; the
-    resumed run ends with exactly the weights, EMA and history of a run nobody interrupted."""
+    resumed run ends with exactly the weights, EMA and history of a run nobody interrupted. With
+    --resize-from the stop falls in epoch 2, the first at the larger size (32 then 48 px)."""
     data = make_dataset(tmp_path / "flowers", per_class=5)
     out = tmp_path / "out"
-    train = ("train.py", "--data", str(data), "--output-dir", str(out), *DEVICE_RUN)
+    train = ("train.py", "--data", str(data), "--output-dir", str(out), *DEVICE_RUN, *extra)
     whole = run_cli("python", *train, "--run-name", "whole", timeout=1200)
-    assert "device pipeline: 20 + 5 images decoded, 0.00 GiB in this process, kept on cpu" in whole.stdout
+    if "workers" not in extra:
+        assert "device pipeline: 20 + 5 images decoded, 0.00 GiB in this process, kept on cpu" in whole.stdout
+    if extra:
+        assert [row["image_size"] for row in read_history(out / "whole")] == [32, 48]
     stopped = interrupt_mid_epoch([sys.executable, *train, "--run-name", "cut", "--save-every-steps", "2"],
                                   out / "cut", global_step=6, timeout=1200)
     assert stopped.returncode != 0, stopped.stdout[-2000:]

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from conftest import make_dataset, read_history
 from conftest import run_cli as _run_cli
-from flowers.config import EvalConfig, PredictConfig, parse
+from flowers import evaluation, training
+from flowers.config import EvalConfig, PredictConfig, TrainConfig, parse
 from flowers.engine import predict_logits
 from flowers.errors import UserError
 
@@ -147,21 +149,32 @@ def test_predict_with_tta_agrees_with_eval_with_tta(trained_run, tmp_path):
         assert top["probability"] == pytest.approx(float(by_eval[key]["confidence"]), abs=1e-3), key
 
 
-def test_val_tta_flip_validates_with_the_mirror_and_eval_tta_flip_reproduces_it(tmp_path):
+def _fresh():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_val_tta_flip_validates_with_the_mirror_and_eval_tta_flip_reproduces_it(tmp_path, capsys):
     """--val-tta flip: training's validation averages each image and its mirror (its loss is the
     TTA one, not the plain one), best/ records it, and eval.py --tta flip is the evaluation that
-    matches it (plain eval.py is then a different setting and says so)."""
+    matches it (plain eval.py is then a different setting and says so). In-process: fit, run_eval."""
     data = make_dataset(tmp_path / "flowers")
-    out = tmp_path / "out"
-    run_cli("python", "train.py", "--data", str(data), "--output-dir", str(out), "--run-name", "r", "--epochs", "1",
-            "--val-tta", "flip", "--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to",
-            "none", "--workers", "0")
-    recorded = read_history(out / "r")[0]
-    flip = run_cli("python", "eval.py", "--ckpt", str(out / "r" / "best"), "--tta", "flip", "--workers", "0")
-    assert "matches the accuracy recorded at training time" in flip.stdout, flip.stdout
-    result = json.loads(next((out / "r").glob("eval-best-val-tta-flip/results.json")).read_text())
-    assert abs(result["metrics"]["loss"] - recorded["val_loss"]) < 1e-4
-    plain = run_cli("python", "eval.py", "--ckpt", str(out / "r" / "best"), "--workers", "0")
-    assert "is for TTA: flip, 32 px" in plain.stdout and "DIFFERS" not in plain.stdout
-    plain_loss = json.loads(next((out / "r").glob("eval-best-val/results.json")).read_text())["metrics"]["loss"]
-    assert abs(plain_loss - recorded["val_loss"]) > 1e-4  # the mirror made a difference the check can see
+    _fresh()
+    run_dir = training.fit(parse(TrainConfig, [
+        "--data", str(data), "--output-dir", str(tmp_path / "out"), "--run-name", "r", "--epochs", "1",
+        "--val-tta", "flip", "--image-size", "32", "--batch-size", "8", "--weights", "none", "--report-to", "none",
+        "--workers", "0"]))
+    recorded = read_history(run_dir)[0]
+    capsys.readouterr()
+
+    def evaluate(*args):
+        _fresh()
+        result = evaluation.run_eval(parse(EvalConfig, ["--ckpt", str(run_dir / "best"), "--workers", "0", *args]))
+        return result, capsys.readouterr().out
+
+    flip, out = evaluate("--tta", "flip")
+    assert "matches the accuracy recorded at training time" in out, out
+    assert abs(flip["metrics"]["loss"] - recorded["val_loss"]) < 1e-4
+    plain, out = evaluate()
+    assert "is for TTA: flip, 32 px" in out and "DIFFERS" not in out
+    assert abs(plain["metrics"]["loss"] - recorded["val_loss"]) > 1e-4  # the mirror made a difference the check can see
