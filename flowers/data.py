@@ -593,7 +593,7 @@ def place_decoded_images(loaders: Loaders, cfg: TrainConfig, accelerator, model)
         dd.release_shared(train, val)
     nbytes = train.pixels.numel() + val.pixels.numel()
     where = dd.place_both(train, val, accelerator.device, cfg.device_cache, reserve_bytes)
-    shared = dd.node_share() is not None and train.pixels.device.type == "cpu"  # still the mapped copy
+    shared = train.in_shared_memory and train.pixels.device.type == "cpu"  # still the mapped copy
     accelerator.print(f"device pipeline: {len(train)} + {len(val)} images decoded, {nbytes / 2**30:.2f} GiB "
                       + ("on the host, one copy for this node's processes" if shared else
                          f"in this process, kept on {where}") + f" (--device-cache {cfg.device_cache})")

@@ -55,7 +55,8 @@ class DecodedImages:
     transposed: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
-    shared_file: Optional[Path] = None  # the node's shared copy, until release_shared unlinks it
+    shared_file: Optional[Path] = None  # the node's shared copy (local main), until release_shared unlinks it
+    in_shared_memory: bool = False  # the pixels are the node's one copy in /dev/shm
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -169,31 +170,56 @@ def node_share() -> Optional[str]:
 
 def decode_split(kind: str, ds: Dataset, image_size: int) -> DecodedImages:
     """`ds` decoded as decode_training_images ("train") or decode_eval_images ("val") do it, once
-    per node (see above): on the host, shared by the node's processes when there are several."""
+    per node (see above): on the host, shared by the node's processes when there are several and
+    /dev/shm has room for it (a container's default 64 MB would not: writing past it kills the
+    process with SIGBUS); otherwise each process decodes its own copy, as the local main decides
+    and tells the others with a marker file."""
     decode = decode_training_images if kind == "train" else decode_eval_images
     prefix = node_share()
     if prefix is None:
         return decode(ds, image_size)
     shape = _shape(kind, len(ds), image_size)
     path = SHARED_DIR / f"{prefix}-{next(_shared_calls)}-{kind}"
-    meta = path.with_name(path.name + ".meta")
+    meta, alone = path.with_name(path.name + ".meta"), path.with_name(path.name + ".alone")
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        with open(path, "wb") as f:
-            f.truncate(math.prod(shape))
-        resource_tracker.register(f"/{path.name}", "shared_memory")  # shm_unlink(name) removes /dev/shm/name
-        images = decode(ds, image_size, min(8, usable_cores()), out=_mapped(path, shape))
+        if math.prod(shape) > SHARED_ROOM * shared_free_bytes():
+            _tracked(alone).touch()
+            print(f"note: {SHARED_DIR} has {shared_free_bytes() / 2**30:.2f} GiB free, too little for the decoded "
+                  f"{kind} photos ({math.prod(shape) / 2**30:.2f} GiB): each process decodes its own copy", flush=True)
+            images = decode(ds, image_size)
+        else:
+            with open(_tracked(path), "wb") as f:
+                f.truncate(math.prod(shape))
+            images = decode(ds, image_size, min(8, usable_cores()), out=_mapped(path, shape))
+            tmp = meta.with_name(meta.name + ".tmp")
+            torch.save((images.sizes, images.transposed, images.labels, images.valid), tmp)
+            os.replace(tmp, _tracked(meta))  # the signal: the pixels are complete
+            images.in_shared_memory = True
         images.shared_file = path
-        tmp = meta.with_name(meta.name + ".tmp")
-        torch.save((images.sizes, images.transposed, images.labels, images.valid), tmp)
-        os.replace(tmp, meta)  # the signal: the pixels are complete
-        resource_tracker.register(f"/{meta.name}", "shared_memory")
         return images
     while not meta.is_file():
+        if alone.is_file():
+            return decode(ds, image_size)
         time.sleep(0.2)
     sizes, transposed, labels, valid = torch.load(meta, weights_only=True)
     if labels.tolist() != list(ds["label"]):
         raise RuntimeError(f"{path}: the node's local main process decoded another split than this process's")
-    return DecodedImages(_mapped(path, shape), sizes, transposed, labels, valid)
+    return DecodedImages(_mapped(path, shape), sizes, transposed, labels, valid, in_shared_memory=True)
+
+
+SHARED_ROOM = 0.9  # at most this share of /dev/shm's free space holds a split
+
+
+def shared_free_bytes() -> int:
+    stat = os.statvfs(SHARED_DIR)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _tracked(path: Path) -> Path:
+    """`path` in /dev/shm, registered with multiprocessing's resource tracker, which unlinks it if
+    this process dies before release_shared does (shm_unlink("/name") removes /dev/shm/name)."""
+    resource_tracker.register(f"/{path.name}", "shared_memory")
+    return path
 
 
 def _mapped(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
@@ -205,9 +231,11 @@ def release_shared(*splits: DecodedImages) -> None:
     mapped them (after a collective that follows their decoding); the pages stay while mapped."""
     for images in splits:
         if images.shared_file is not None:
-            for path in (images.shared_file, images.shared_file.with_name(images.shared_file.name + ".meta")):
-                path.unlink(missing_ok=True)
-                resource_tracker.unregister(f"/{path.name}", "shared_memory")
+            for suffix in ("", ".meta", ".alone"):
+                path = images.shared_file.with_name(images.shared_file.name + suffix)
+                if path.exists():
+                    path.unlink()
+                    resource_tracker.unregister(f"/{path.name}", "shared_memory")
             images.shared_file = None
 
 

@@ -312,23 +312,30 @@ device_data.place_both = _placing
 
 
 @pytest.mark.slow
-def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics_of_one_process(tmp_path):
+@pytest.mark.parametrize("room", ["enough", "none"])
+def test_two_ranks_on_the_device_path_see_disjoint_shards_and_report_the_metrics_of_one_process(tmp_path, room):
     """Two real CPU ranks (gloo): 45 photos, 36 train in global batches of 2 x 4, so each epoch
     4 batches a rank, 32 images, none twice; 9 validation images in 2 global batches (the second
     padded). The accuracy both ranks record is what one process measures (eval.py). The node's
     local main decodes the photos once, into shared memory that both ranks train from, and the
-    shared files are gone by the end."""
+    shared files are gone by the end; with no room in /dev/shm each rank decodes its own copy."""
     data = make_dataset(tmp_path / "flowers", per_class=9)
     shared_before = set(Path("/dev/shm").glob("flowers-*"))
-    script = patched_entry_script(tmp_path / "train_rows.py", RECORD_ROWS)
+    no_room = "device_data.shared_free_bytes = lambda: 0\n" if room == "none" else ""
+    script = patched_entry_script(tmp_path / "train_rows.py", RECORD_ROWS + no_room)
     out = tmp_path / "out"
     proc = run_cli(ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "--main_process_port",
                    str(free_port()), script, "--data", str(data), "--output-dir", str(out), "--run-name", "ddp",
                    *TINY_TRAIN, "--pipeline", "device", "--epochs", "2", "--batch-size", "4",
                    env={"ACCELERATE_USE_CPU": "true", "ROWS": str(tmp_path / "rows-")}, timeout=1200)
     assert "processes: 2" in proc.stdout
-    assert "one copy for this node's processes" in proc.stdout
-    assert [(tmp_path / f"rows-decoded-{rank}").is_file() for rank in "01"] == [True, False]  # rank 1 mapped it
+    if room == "enough":
+        assert "one copy for this node's processes" in proc.stdout
+        assert [(tmp_path / f"rows-decoded-{rank}").is_file() for rank in "01"] == [True, False]  # rank 1 mapped it
+    else:
+        assert "too little for the decoded train photos" in proc.stdout + proc.stderr
+        assert "one copy for this node's processes" not in proc.stdout
+        assert [(tmp_path / f"rows-decoded-{rank}").is_file() for rank in "01"] == [True, True]
     pixels = [json.loads((tmp_path / f"rows-pixels-{rank}").read_text()) for rank in "01"]
     splits = resized_splits(load_splits(str(data), 0.2, seed=42), T.eval_size(32))  # what one process decodes alone
     assert pixels[0] == pixels[1] == [int(dd.decode_training_images(splits.train, 32).pixels.long().sum()),
