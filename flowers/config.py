@@ -187,6 +187,11 @@ class TrainConfig:
     resize_from: int = arg(0, "progressive resizing: train at this size (px) in the first epoch, growing in steps of "
                            "16 px to --image-size by three quarters of the run (shrinking when larger); validation and "
                            "checkpoints at --image-size (0: off)", valid=span("[0, 4096]"))
+    crop_scale: float = arg(0.08, "training augmentation: the smallest share of the photo's area the random "
+                            "resized crop keeps (0.08: the report's; larger: a milder zoom)", valid=span("(0, 1]"))
+    affine: bool = arg(True, "training augmentation: the report's random rotation (15 degrees), shift and zoom")
+    colour_jitter: bool = arg(True, "training augmentation: the report's random brightness, contrast, saturation "
+                                    "and hue")
     weights: str = arg("imagenet", "initial weights: imagenet, none, or a PATH to a state dict / checkpoint",
                        valid=Text("imagenet, none or a path", inside=("imagenet", "none"),
                                  outside=("", "no-such-weights-file")))

@@ -25,7 +25,8 @@ from flowers.balance import BalancedSampler, split_labels
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 from flowers.runtime import usable_cores
-from flowers.transforms import draws_for_image, eval_transform, short_side_resize, train_transform, training_sizes
+from flowers.transforms import (AugmentStrength, draws_for_image, eval_transform, short_side_resize, train_transform,
+                                training_sizes)
 
 DEFAULT_DATA_DIR = Path("data") / "flower_dataset"
 VAL_DIR_NAMES = ("val", "validation", "valid")
@@ -599,6 +600,10 @@ def place_decoded_images(loaders: Loaders, cfg: TrainConfig, accelerator, model)
                          f"in this process, kept on {where}") + f" (--device-cache {cfg.device_cache})")
 
 
+def augment_strength(cfg: TrainConfig) -> AugmentStrength:
+    return AugmentStrength(crop_scale=cfg.crop_scale, affine=cfg.affine, colour_jitter=cfg.colour_jitter)
+
+
 def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: int) -> Loaders:
     """The loaders of a TrainConfig for this process, prepared by `accelerator` (the workers path)
     or sharded by this module (the device path: see device_data.py). `splits` holds images at
@@ -615,14 +620,15 @@ def build_loaders(cfg: TrainConfig, splits: Splits, accelerator, shuffle_seed: i
         train_images = dd.decode_split("train", splits.train, cfg.image_size)
         val_images = dd.decode_split("val", splits.val, cfg.image_size)
         shard = dd.Shard(accelerator.process_index, accelerator.num_processes, cfg.batch_size)
-        train_pixels = dd.TrainPixels(train_images, sizes, cfg.seed, device, cfg.channels_last)
+        train_pixels = dd.TrainPixels(train_images, sizes, cfg.seed, device, cfg.channels_last, augment_strength(cfg))
         train = dd.DeviceLoader(train_images, shard, train_pixels, shuffle_seed=shuffle_seed, drop_last=drop_last,
                                 sampler=cfg.sampler)
         val = dd.DeviceLoader(val_images, shard, dd.EvalPixels(val_images, device, cfg.channels_last))
         return Loaders(train, val, pipeline, 0)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(accelerator.num_processes, device.type)
     options = LoaderOptions(workers=workers, device_type=device.type, image_size=cfg.image_size, seed=cfg.seed)
-    augmented = SeededAugmentation(splits.train, train_transform(cfg.image_size), cfg.seed, sizes)
+    augmented = SeededAugmentation(splits.train, train_transform(cfg.image_size, strength=augment_strength(cfg)),
+                                   cfg.seed, sizes)
     # --sampler balanced: our seeded order (Accelerate shards its batches); random: Accelerate's seedable shuffle
     sampler = (BalancedSampler(augmented, split_labels(splits.train), shuffle_seed)
                if cfg.sampler == "balanced" else None)

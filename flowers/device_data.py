@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from flowers import imagefiles
 from flowers.runtime import usable_cores
 from flowers.balance import balanced_order
-from flowers.transforms import (BatchAugmentation, DeviceNormalise, draws_for_epoch, eval_pixels, eval_size,
-                                sample_augmentation, upload)
+from flowers.transforms import (REPORT_STRENGTH, AugmentStrength, BatchAugmentation, DeviceNormalise,
+                                draws_for_epoch, eval_pixels, eval_size, sample_augmentation, upload)
 
 # At most this share of the device's free memory holds the decoded images; the rest is left to the
 # model, its activations and the batches. Beyond it, batches are gathered on the host instead.
@@ -364,8 +364,9 @@ class TrainPixels:
     crop size, or each epoch's (transforms.training_sizes, --resize-from)."""
 
     def __init__(self, images: DecodedImages, sizes: "int | tuple[int, ...]", seed: int, device: torch.device,
-                 channels_last: bool = True):
+                 channels_last: bool = True, strength: AugmentStrength = REPORT_STRENGTH):
         self.images, self.seed, self.device, self.channels_last = images, seed, device, channels_last
+        self.strength = strength
         self.sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
         self.heights, self.widths = np.array(images.sizes, dtype=np.int64).reshape(-1, 2).T
         self._epoch_plan: Optional[tuple[int, torch.Tensor]] = None
@@ -379,7 +380,7 @@ class TrainPixels:
             if size != self.augment.image_size:
                 self.augment = BatchAugmentation(size, channels_last=self.channels_last)
             params = sample_augmentation(draws_for_epoch(self.seed, epoch, len(self.images)), self.widths,
-                                         self.heights, size)
+                                         self.heights, size, self.strength)
             canvas = self.images.pixels.shape
             self._epoch_plan = (epoch, self.augment.plan((canvas[-1], canvas[-2]), self.images.transposed, params))
         return self._epoch_plan[1]

@@ -34,6 +34,20 @@ CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 ROTATION, TRANSLATE, SCALE = 15.0, 0.1, (0.9, 1.1)  # degrees; fraction of the side; zoom range
 
 
+@dataclass(frozen=True)
+class AugmentStrength:
+    """How strong the training augmentation is (--crop-scale, --affine, --colour-jitter): the
+    smallest area RandomResizedCrop keeps, and whether the RandomAffine warp and the colour jitter
+    are drawn. The default is the report's. Only the distributions change, never the draws an image
+    uses, so a weaker augmentation resumes exactly like the report's."""
+    crop_scale: float = CROP_SCALE[0]
+    affine: bool = True
+    colour_jitter: bool = True
+
+
+REPORT_STRENGTH = AugmentStrength()
+
+
 # ---- the random draws ----------------------------------------------------------------------------
 # Every random number of an image's training augmentation is one of its row of DRAW_COLUMNS uniform
 # draws in [0, 1). Row i of epoch e comes from one PCG64 stream seeded by (seed, e), at offset
@@ -217,12 +231,13 @@ class AugmentParams:
                                 for name, value in changes.items()})
 
 
-def _random_resized_crops(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
+def _random_resized_crops(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray,
+                          crop_scale: float = CROP_SCALE[0]) -> np.ndarray:
     """RandomResizedCrop's boxes (n, 4: top, left, height, width), drawn from its distributions: up to
     CROP_TRIES boxes of a random area and aspect ratio, the first that fits, at a random place in
     the image; the central crop nearest in aspect ratio when none fits."""
     widths, heights = np.asarray(widths, dtype=np.int64)[:, None], np.asarray(heights, dtype=np.int64)[:, None]
-    area = heights * widths * _between(draws[:, _AREA], *CROP_SCALE)
+    area = heights * widths * _between(draws[:, _AREA], crop_scale, CROP_SCALE[1])
     aspect = np.exp(_between(draws[:, _RATIO], *np.log(CROP_RATIO)))
     w = np.round(np.sqrt(area * aspect)).astype(np.int64)
     h = np.round(np.sqrt(area / aspect)).astype(np.int64)
@@ -243,19 +258,24 @@ def _random_resized_crops(draws: np.ndarray, widths: np.ndarray, heights: np.nda
     return np.stack([top, left, h, w], axis=1)
 
 
-def sample_augmentation(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray, size: int) -> AugmentParams:
+def sample_augmentation(draws: np.ndarray, widths: np.ndarray, heights: np.ndarray, size: int,
+                        strength: AugmentStrength = REPORT_STRENGTH) -> AugmentParams:
     """The one parameter sampler of the training augmentation: images of widths x heights pixels,
     an output of size x size, each image's parameters from its row of uniform `draws` (n,
     DRAW_COLUMNS), with the distributions of torchvision's RandomResizedCrop, RandomHorizontalFlip
-    and RandomAffine, then the colour jitter. Vectorised over the rows."""
-    shift = float(TRANSLATE * size)
-    order, factors = jitter_from_draws(draws[:, _ORDER], draws[:, _FACTORS])
+    and RandomAffine, then the colour jitter, as strong as `strength` says (a step turned off is
+    the identity: no warp, or factors 1 and hue 0). Vectorised over the rows."""
+    affine = 1.0 if strength.affine else 0.0
+    shift = float(TRANSLATE * size) * affine
+    zoom = SCALE if strength.affine else (1.0, 1.0)
+    order, factors = jitter_from_draws(draws[:, _ORDER], draws[:, _FACTORS],
+                                       JITTER if strength.colour_jitter else (0.0,) * 4)
     return AugmentParams(
-        crop=_random_resized_crops(draws, widths, heights),
+        crop=_random_resized_crops(draws, widths, heights, strength.crop_scale),
         flip=draws[:, _FLIP] < 0.5,
-        angle=_between(draws[:, _ANGLE], -ROTATION, ROTATION),
+        angle=_between(draws[:, _ANGLE], -ROTATION * affine, ROTATION * affine),
         translate=np.round(_between(draws[:, [_SHIFT_X, _SHIFT_Y]], -shift, shift)).astype(np.int64),
-        scale=_between(draws[:, _SCALE], *SCALE),
+        scale=_between(draws[:, _SCALE], *zoom),
         colour_order=order, colour_factors=factors)
 
 
@@ -271,26 +291,29 @@ def augment_pil(img: Image.Image, params: AugmentParams, size: int) -> Image.Ima
 
 
 class ReportAugmentation:
-    """The report's augmentation (random resized crop, flip, rotation, affine, colour jitter) of
-    one PIL image, normalised to a float tensor: sample_augmentation + augment_pil."""
+    """The report's augmentation (random resized crop, flip, rotation, affine, colour jitter; as
+    strong as `strength`) of one PIL image, normalised to a float tensor: sample_augmentation +
+    augment_pil."""
 
-    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.image_size, self.to_tensor = image_size, ToNormalisedTensor(mean, std)
+    def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 strength: AugmentStrength = REPORT_STRENGTH):
+        self.image_size, self.to_tensor, self.strength = image_size, ToNormalisedTensor(mean, std), strength
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(image_size={self.image_size}, {self.to_tensor})"
+        return f"{type(self).__name__}(image_size={self.image_size}, {self.strength}, {self.to_tensor})"
 
     def __call__(self, img: Image.Image, draws: Optional[np.ndarray] = None, size: Optional[int] = None) -> torch.Tensor:
         """`draws`: the image's row (1, DRAW_COLUMNS) (draws_for_image); numpy's global generator's when
         None. `size`: this epoch's crop size (--resize-from), else image_size."""
         draws = np.random.random((1, DRAW_COLUMNS)) if draws is None else draws
         size = size or self.image_size
-        params = sample_augmentation(draws, [img.width], [img.height], size)
+        params = sample_augmentation(draws, [img.width], [img.height], size, self.strength)
         return self.to_tensor(augment_pil(img, params, size))
 
 
-def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ReportAugmentation:
-    return ReportAugmentation(image_size, mean, std)
+def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    strength: AugmentStrength = REPORT_STRENGTH) -> ReportAugmentation:
+    return ReportAugmentation(image_size, mean, std, strength)
 
 
 def _warp_matrices(params: AugmentParams, size: int) -> tuple[np.ndarray, np.ndarray]:

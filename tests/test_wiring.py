@@ -24,7 +24,7 @@ from flowers.device_data import DeviceLoader
 from flowers.errors import UserError
 from flowers.config import TrainConfig, parse
 from flowers.resume import epoch_loader, read_history
-from flowers.transforms import eval_size
+from flowers.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_size
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,55 @@ def test_resize_from_is_in_the_history_with_the_images_seen(photos, tmp_path):
                               "--epochs", "2", "--report-to", "none", "--workers", "0"])
     rows = read_history(training.fit(cfg))
     assert [(row["image_size"], row["train_samples"]) for row in rows] == [(32, 32), (48, 32)]
+
+
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory):
+    """20 square photos, the left half red and the right half blue, in two folders (identical: split
+    with --duplicate-distance -1)."""
+    root = tmp_path_factory.mktemp("halves") / "flowers"
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:, :32], pixels[:, 32:] = (255, 0, 0), (0, 0, 255)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def _epoch_colours(run) -> dict[str, np.ndarray]:
+    """Per training image of the first epoch, the share of its pixels that are red, blue, black
+    (the affine warp's fill) and neither (a blend, or a colour the jitter made)."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    shares = []
+    for batch in epoch_loader(run.train_loader, 0, 0):
+        rgb = (batch["pixel_values"].float() * std + mean) * 255
+        r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+        red = (r > 235) & (g < 20) & (b < 20)
+        blue = (b > 235) & (r < 20) & (g < 20)
+        black = (r < 20) & (g < 20) & (b < 20)
+        shares += [torch.stack([m.float().mean((1, 2)) for m in (red, blue, black)], 1)]
+    red, blue, black = torch.cat(shares).numpy().T
+    return {"red": red, "blue": blue, "black": black, "other": 1 - red - blue - black}
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "device"])
+def test_crop_scale_affine_and_colour_jitter_set_the_augmentation(open_run, halves, pipeline):
+    """Photos half red, half blue: with the mildest settings every training image is the whole
+    photo (half red, half blue, nothing else but the seam); each option on its own brings back its
+    effect: small crops (mostly one colour), the warp's black fill, colours the photo lacks."""
+    mild = ("--crop-scale", "1", "--no-affine", "--no-colour-jitter")
+    options = {"crop": ("--crop-scale", "0.08", "--no-affine", "--no-colour-jitter"),
+               "affine": ("--crop-scale", "1", "--affine", "--no-colour-jitter"),
+               "jitter": ("--crop-scale", "1", "--no-affine", "--colour-jitter")}
+    colours = {name: _epoch_colours(open_run(*args, "--pipeline", pipeline, "--duplicate-distance", "-1", data=halves))
+               for name, args in {"mild": mild, **options}.items()}
+    plain = colours["mild"]
+    assert np.all(np.abs(plain["red"] - 0.5) < 0.1) and np.all(np.abs(plain["blue"] - 0.5) < 0.1)
+    assert plain["black"].max() == 0 and plain["other"].max() < 0.1
+    assert np.abs(colours["crop"]["red"] - 0.5).max() > 0.3  # some crops mostly one colour
+    assert colours["affine"]["black"].max() > 0.02 and colours["affine"]["other"].max() < 0.25
+    assert colours["jitter"]["other"].max() > 0.5 and colours["jitter"]["black"].max() == 0
 
 
 def test_pipeline_device_and_cache_resized_change_where_pixels_come_from(open_run):
