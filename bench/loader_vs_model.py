@@ -37,7 +37,8 @@ def per_image_ms(splits, image_size: int, count: int = 200) -> float:
 def loader_epochs(splits, data: str, image_size: int, workers: int, device: torch.device) -> None:
     cfg = TrainConfig(data=data, image_size=image_size, workers=workers, weights="none", report_to="none",
                       pipeline="workers")
-    train = build_loaders(cfg, splits, make_accelerator(cfg.seed), cfg.seed).train
+    loaders = build_loaders(cfg, splits, make_accelerator(cfg.seed), cfg.seed)
+    train, val = loaders.train, loaders.val
     for epoch in range(3):
         train.dataset.epoch = epoch
         started, images, first = time.perf_counter(), 0, None

@@ -185,7 +185,8 @@ BREAKS = [
           "duplicate_distance=5,", (W + "test_exclude_relabel_and_duplicate_distance_shape_the_split",)),
     Break("--recipe", "flowers/config.py", 'values = {**RECIPES.get(values.get("recipe") or "default", {}), **values}',
           'values = {**RECIPES.get("default", {}), **values}',
-          (W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing",)),
+          (W + "test_recipe_report_is_adam_with_a_step_schedule_and_no_smoothing",
+           W + "test_recipe_scratch_is_random_weights_a_growing_size_and_a_milder_augmentation")),
     Break("--config", "flowers/config.py", '        values.update(load_yaml(given["config"]))\n', "        pass\n",
           (W + "test_a_config_file_sets_options_and_flags_win",)),
     # ---- eval.py ----
