@@ -265,15 +265,13 @@ def sample_augmentation(draws: np.ndarray, widths: np.ndarray, heights: np.ndarr
     DRAW_COLUMNS), with the distributions of torchvision's RandomResizedCrop, RandomHorizontalFlip
     and RandomAffine, then the colour jitter, as strong as `strength` says (a step turned off is
     the identity: no warp, or factors 1 and hue 0). Vectorised over the rows."""
-    affine = 1.0 if strength.affine else 0.0
-    shift = float(TRANSLATE * size) * affine
-    zoom = SCALE if strength.affine else (1.0, 1.0)
+    rotation, shift, zoom = (ROTATION, float(TRANSLATE * size), SCALE) if strength.affine else (0.0, 0.0, (1.0, 1.0))
     order, factors = jitter_from_draws(draws[:, _ORDER], draws[:, _FACTORS],
                                        JITTER if strength.colour_jitter else (0.0,) * 4)
     return AugmentParams(
         crop=_random_resized_crops(draws, widths, heights, strength.crop_scale),
         flip=draws[:, _FLIP] < 0.5,
-        angle=_between(draws[:, _ANGLE], -ROTATION * affine, ROTATION * affine),
+        angle=_between(draws[:, _ANGLE], -rotation, rotation),
         translate=np.round(_between(draws[:, [_SHIFT_X, _SHIFT_Y]], -shift, shift)).astype(np.int64),
         scale=_between(draws[:, _SCALE], *zoom),
         colour_order=order, colour_factors=factors)
