@@ -198,7 +198,7 @@ class TrainConfig:
     seed: int = arg(42, "seed for the split, initialisation and data order", valid=span("[0, 2**32)"))
     val_split: float = arg(0.2, "fraction of the images held out for validation (stratified)", valid=span("(0, 1)"))
     recipe: str = arg("default", "preset for the recipe options below (report: the report's Adam + step "
-                      "schedule, no regularisation; scratch: from random weights, 18 epochs growing from 64 to 128 "
+                      "schedule, no regularisation; scratch: from random weights, 21 epochs growing from 32 to 128 "
                       "px with a milder augmentation); options given explicitly win",
                       choices=["default", "report", "scratch"])
     optimizer: str = arg("adamw", "optimizer", choices=["adam", "adamw", "sgd"])
@@ -301,10 +301,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "freeze_backbone": 0,
     },
     # `--recipe scratch`: from random weights in half the compute of 25 epochs at 128 px (issue 28,
-    # docs/performance.md "Time to accuracy"): the default optimizer and schedule, 18 epochs growing
-    # from 64 to 128 px, and a milder augmentation (a short run from scratch underfits the report's).
+    # docs/performance.md "Time to accuracy"): the default optimizer and schedule, 21 epochs growing
+    # from 32 to 128 px, and a milder augmentation (a short run from scratch underfits the report's).
     "scratch": {
-        "weights": "none", "image_size": 128, "resize_from": 64, "epochs": 18, "crop_scale": 0.35,
+        "weights": "none", "image_size": 128, "resize_from": 32, "epochs": 21, "crop_scale": 0.35,
         "affine": False,
     },
 }
