@@ -167,8 +167,9 @@ BREAKS = [
     Break("--batch-size", "flowers/data.py", "train = make_loader(augmented, cfg.batch_size, shuffle=True,",
           "train = make_loader(augmented, 32, shuffle=True,",
           (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
-    Break("--image-size", "flowers/data.py", "SeededAugmentation(splits.train, train_transform(cfg.image_size),",
-          "SeededAugmentation(splits.train, train_transform(224),",
+    # the training crops' size reaches the workers through each epoch's size (training_sizes), not
+    # through train_transform's own image_size, a fallback no run uses (breaking it changes nothing)
+    Break("--image-size", "flowers/data.py", "sizes = training_sizes(cfg.image_size,", "sizes = training_sizes(224,",
           (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
     Break("--workers", "flowers/data.py", "workers = cfg.workers if cfg.workers >= 0 else", "workers = 0 if cfg.workers >= 0 else",
           (W + "test_batch_size_image_size_and_workers_shape_the_batches",)),
